@@ -1,0 +1,286 @@
+//! Model configurations: the official presets and JSON-described architectures.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ModelError;
+
+/// Which official model family a configuration belongs to (decides preprocessing defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// Segment Anything (ViT-B/L/H).
+    Sam,
+    /// MobileSAM (TinyViT encoder, SAM prompt encoder and decoder).
+    MobileSam,
+    /// MedSAM (SAM ViT-B layout with its own preprocessing).
+    MedSam,
+}
+
+/// SAM ViT image encoder hyper-parameters (`ImageEncoderViT`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VitConfig {
+    /// Transformer width.
+    pub embed_dim: usize,
+    /// Number of blocks.
+    pub depth: usize,
+    /// Attention heads per block.
+    pub num_heads: usize,
+    /// Blocks that attend globally; all others use windows.
+    pub global_attn_indexes: Vec<usize>,
+    /// Window size of the windowed blocks.
+    #[serde(default = "default_window")]
+    pub window_size: usize,
+    /// Patch size of the patch embedding.
+    #[serde(default = "default_patch")]
+    pub patch_size: usize,
+    /// MLP hidden ratio.
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+}
+
+/// TinyViT image encoder hyper-parameters (MobileSAM's `TinyViT`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TinyVitConfig {
+    /// Width of each of the four stages.
+    pub embed_dims: Vec<usize>,
+    /// Blocks in each stage.
+    pub depths: Vec<usize>,
+    /// Attention heads of each stage (stage 0 is convolutional and ignores it).
+    pub num_heads: Vec<usize>,
+    /// Attention window of each stage.
+    pub window_sizes: Vec<usize>,
+    /// MLP hidden ratio of the attention stages.
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    /// Expansion ratio of the MBConv blocks in stage 0.
+    #[serde(default = "default_mlp_ratio")]
+    pub mbconv_expand_ratio: f64,
+    /// Kernel of the depthwise local convolution in attention blocks.
+    #[serde(default = "default_local_conv")]
+    pub local_conv_size: usize,
+}
+
+/// The image encoder variant and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EncoderConfig {
+    /// SAM's plain ViT with windowed and global attention.
+    Vit(VitConfig),
+    /// MobileSAM's TinyViT.
+    TinyVit(TinyVitConfig),
+}
+
+/// Mask decoder hyper-parameters (`MaskDecoder` + `TwoWayTransformer`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecoderConfig {
+    /// Two-way transformer depth.
+    #[serde(default = "default_two")]
+    pub depth: usize,
+    /// Attention heads.
+    #[serde(default = "default_eight")]
+    pub num_heads: usize,
+    /// Hidden width of the transformer MLP.
+    #[serde(default = "default_mlp_dim")]
+    pub mlp_dim: usize,
+    /// Number of multimask outputs (one more mask token is used for the single-mask output).
+    #[serde(default = "default_three")]
+    pub num_multimask_outputs: usize,
+    /// Layers of the IoU prediction head.
+    #[serde(default = "default_three")]
+    pub iou_head_depth: usize,
+    /// Hidden width of the IoU prediction head.
+    #[serde(default = "default_iou_hidden")]
+    pub iou_head_hidden_dim: usize,
+}
+
+impl Default for DecoderConfig {
+    fn default() -> Self {
+        Self {
+            depth: 2,
+            num_heads: 8,
+            mlp_dim: 2048,
+            num_multimask_outputs: 3,
+            iou_head_depth: 3,
+            iou_head_hidden_dim: 256,
+        }
+    }
+}
+
+/// A whole Segment-Anything model: encoder, prompt encoder and mask decoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamConfig {
+    /// Preset or user-chosen name.
+    pub name: String,
+    /// Model family (decides preprocessing).
+    pub family: Family,
+    /// Image encoder.
+    pub encoder: EncoderConfig,
+    /// Width of prompt embeddings, the neck output and the decoder (256 officially).
+    #[serde(default = "default_prompt_dim")]
+    pub prompt_embed_dim: usize,
+    /// Square input size of the encoder (1024 officially).
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// Mask decoder.
+    #[serde(default)]
+    pub decoder: DecoderConfig,
+}
+
+fn default_window() -> usize {
+    14
+}
+fn default_patch() -> usize {
+    16
+}
+fn default_mlp_ratio() -> f64 {
+    4.0
+}
+fn default_local_conv() -> usize {
+    3
+}
+fn default_two() -> usize {
+    2
+}
+fn default_three() -> usize {
+    3
+}
+fn default_eight() -> usize {
+    8
+}
+fn default_mlp_dim() -> usize {
+    2048
+}
+fn default_iou_hidden() -> usize {
+    256
+}
+fn default_prompt_dim() -> usize {
+    256
+}
+fn default_image_size() -> usize {
+    1024
+}
+
+/// Names of the built-in presets, in the order `--help` lists them.
+pub const PRESETS: &[&str] = &["sam-vit-b", "sam-vit-l", "sam-vit-h", "mobile-sam", "medsam"];
+
+fn vit(name: &str, family: Family, dim: usize, depth: usize, heads: usize, global: [usize; 4]) -> SamConfig {
+    SamConfig {
+        name: name.to_string(),
+        family,
+        encoder: EncoderConfig::Vit(VitConfig {
+            embed_dim: dim,
+            depth,
+            num_heads: heads,
+            global_attn_indexes: global.to_vec(),
+            window_size: 14,
+            patch_size: 16,
+            mlp_ratio: 4.0,
+        }),
+        prompt_embed_dim: 256,
+        image_size: 1024,
+        decoder: DecoderConfig::default(),
+    }
+}
+
+impl SamConfig {
+    /// The official architecture of a preset name (see [`PRESETS`]).
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        Ok(match name {
+            "sam-vit-b" => vit(name, Family::Sam, 768, 12, 12, [2, 5, 8, 11]),
+            "sam-vit-l" => vit(name, Family::Sam, 1024, 24, 16, [5, 11, 17, 23]),
+            "sam-vit-h" => vit(name, Family::Sam, 1280, 32, 16, [7, 15, 23, 31]),
+            "medsam" => vit(name, Family::MedSam, 768, 12, 12, [2, 5, 8, 11]),
+            "mobile-sam" => SamConfig {
+                name: name.to_string(),
+                family: Family::MobileSam,
+                encoder: EncoderConfig::TinyVit(TinyVitConfig {
+                    embed_dims: vec![64, 128, 160, 320],
+                    depths: vec![2, 2, 6, 2],
+                    num_heads: vec![2, 4, 5, 10],
+                    window_sizes: vec![7, 7, 14, 7],
+                    mlp_ratio: 4.0,
+                    mbconv_expand_ratio: 4.0,
+                    local_conv_size: 3,
+                }),
+                prompt_embed_dim: 256,
+                image_size: 1024,
+                decoder: DecoderConfig::default(),
+            },
+            other => {
+                return Err(ModelError::UnknownPreset {
+                    name: other.to_string(),
+                    known: PRESETS.join(", "),
+                })
+            }
+        })
+    }
+
+    /// Reads a JSON architecture description (the same fields this type serialises to).
+    pub fn from_json_file(path: &std::path::Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        let cfg: SamConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        cfg.validate().map_err(|reason| ModelError::Config {
+            path: path.display().to_string(),
+            reason,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks the invariants the model code relies on; returns the first violation.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.image_size == 0 || self.prompt_embed_dim == 0 {
+            return Err("image_size and prompt_embed_dim must be positive".into());
+        }
+        if self.decoder.num_heads == 0 || self.prompt_embed_dim % self.decoder.num_heads != 0 {
+            return Err(format!(
+                "prompt_embed_dim {} must be divisible by decoder num_heads {}",
+                self.prompt_embed_dim, self.decoder.num_heads
+            ));
+        }
+        match &self.encoder {
+            EncoderConfig::Vit(v) => {
+                if v.num_heads == 0 || v.embed_dim % v.num_heads != 0 {
+                    return Err(format!(
+                        "encoder embed_dim {} must be divisible by num_heads {}",
+                        v.embed_dim, v.num_heads
+                    ));
+                }
+                if v.patch_size == 0 || self.image_size % v.patch_size != 0 {
+                    return Err(format!(
+                        "image_size {} must be a multiple of patch_size {}",
+                        self.image_size, v.patch_size
+                    ));
+                }
+                if let Some(i) = v.global_attn_indexes.iter().find(|&&i| i >= v.depth) {
+                    return Err(format!("global_attn_indexes has {i} but depth is {}", v.depth));
+                }
+            }
+            EncoderConfig::TinyVit(t) => {
+                let n = t.embed_dims.len();
+                if n != 4 || t.depths.len() != n || t.num_heads.len() != n || t.window_sizes.len() != n {
+                    return Err("tiny_vit needs 4 entries in embed_dims, depths, num_heads and window_sizes".into());
+                }
+                for i in 1..n {
+                    if t.num_heads[i] == 0 || t.embed_dims[i] % t.num_heads[i] != 0 {
+                        return Err(format!(
+                            "tiny_vit stage {i}: embed_dim {} must be divisible by num_heads {}",
+                            t.embed_dims[i], t.num_heads[i]
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The stride-16 embedding grid side (64 for 1024 inputs).
+    pub fn embedding_size(&self) -> usize {
+        self.image_size / 16
+    }
+}

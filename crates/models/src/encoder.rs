@@ -1,0 +1,1 @@
+//! The image encoder of a configuration, whichever variant it is.

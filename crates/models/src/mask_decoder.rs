@@ -1,0 +1,1 @@
+//! Mask decoder: output tokens, two-way transformer, upscaling and hypernetwork heads.

@@ -1,0 +1,1 @@
+//! Postprocessing: low-res logits back to the original image size exactly as the official predictor.

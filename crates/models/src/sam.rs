@@ -1,0 +1,1 @@
+//! Model assembly and a predictor with the official call semantics (original-pixel prompts).

@@ -1,0 +1,1 @@
+//! TinyViT image encoder (MobileSAM) with eval-mode batch norm.

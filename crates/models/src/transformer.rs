@@ -1,0 +1,1 @@
+//! Two-way transformer of the mask decoder (token and image cross-attention).

@@ -1,0 +1,92 @@
+//! Small layers (norms, the 2×2 transposed conv) whose forward passes use only `ops`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::ops;
+
+/// LayerNorm over the last dimension with an explicit eps (keys `weight`, `bias`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` of length `dim`.
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?,
+            bias: vb.get(dim, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// LayerNorm over channels of an NCHW map (SAM's `LayerNorm2d`, keys `weight`, `bias`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm2d {
+    /// Loads `weight` and `bias` of length `channels`.
+    pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            eps,
+        })
+    }
+}
+
+impl Module for LayerNorm2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm2d(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// `ConvTranspose2d(kernel 2, stride 2)` written as one matmul plus a pixel shuffle: exact, fast on
+/// CPU and differentiable (keys `weight` [in, out, 2, 2] and `bias` [out], PyTorch layout).
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2x2 {
+    weight: Tensor,
+    bias: Tensor,
+    out: usize,
+}
+
+impl ConvTranspose2x2 {
+    /// Loads a `ConvTranspose2d(inp, out, kernel_size=2, stride=2)`.
+    pub fn new(inp: usize, out: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((inp, out, 2, 2), "weight")?,
+            bias: vb.get(out, "bias")?,
+            out,
+        })
+    }
+}
+
+impl Module for ConvTranspose2x2 {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let o = self.out;
+        // [n, h·w, c] @ [c, o·4] -> [n, h, w, o, 2, 2] -> [n, o, h, 2, w, 2]
+        let tokens = x.flatten_from(2)?.transpose(1, 2)?;
+        let kernel = self.weight.reshape((c, o * 4))?;
+        let y = tokens.broadcast_matmul(&kernel)?;
+        let y = y
+            .reshape((n, h, w, o, 2, 2))?
+            .permute((0, 3, 1, 4, 2, 5))?
+            .reshape((n, o, 2 * h, 2 * w))?;
+        y.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
+    }
+}
