@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
-use sam2rad_models::sam::Sam;
+use sam2rad_models::sam::AnySam;
 
 use crate::model_args::{with_variant_hint, ModelArgs};
 
@@ -48,15 +48,15 @@ pub fn run(args: Args) -> Result<()> {
     let dev = Device::Cpu;
     let cfg = args.model.config()?;
     let backend = args.model.backend(args.random)?;
-    let sam = with_variant_hint(Sam::new(&cfg, backend.var_builder(&dev)), &backend, &cfg)?;
+    let sam = with_variant_hint(AnySam::new(&cfg, backend.var_builder(&dev)), &backend, &cfg)?;
     let s = cfg.image_size;
     let x = Tensor::randn(0f32, 1f32, (1, 3, s, s), &dev)?;
 
     let mut enc = Vec::new();
-    let mut emb = sam.image_encoder.forward(&x)?; // warm-up
+    let mut emb = sam.embed(&x)?; // warm-up
     for _ in 0..args.runs {
         let t = Instant::now();
-        emb = sam.image_encoder.forward(&x)?;
+        emb = sam.embed(&x)?;
         enc.push(t.elapsed().as_secs_f64() * 1e3);
     }
 
@@ -65,10 +65,11 @@ pub fn run(args: Args) -> Result<()> {
     let mut dec = Vec::new();
     for i in 0..=args.decoder_runs {
         let t = Instant::now();
-        let (sparse, dense) = sam.prompt_encoder.forward(Some((&coords, &labels)), None, None)?;
-        let pe = sam.prompt_encoder.get_dense_pe()?;
-        let (masks, _iou) = sam.mask_decoder.forward(&emb, &pe, &sparse, &dense, true)?;
-        masks.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        let (sparse, dense) = sam
+            .prompt_encoder()
+            .forward(Some((&coords, &labels)), None, None)?;
+        let out = sam.decode_full(&emb, &sparse, &dense)?;
+        out.masks_all.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         if i > 0 {
             dec.push(t.elapsed().as_secs_f64() * 1e3);
         }

@@ -7,8 +7,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use sam2rad_models::config::{Family, SamConfig};
-use sam2rad_models::preprocess::{self, Preprocessed};
-use sam2rad_models::sam::{Prompts, Sam};
+use sam2rad_models::preprocess::{self, Preprocessed, RgbImage};
+use sam2rad_models::preprocess_sam2;
+use sam2rad_models::sam::{AnySam, Prompts};
 
 use crate::model_args::{with_variant_hint, ModelArgs};
 use crate::output::{overlay, save_png, save_tensors};
@@ -85,29 +86,26 @@ pub struct Args {
     /// Also write the image with the mask drawn over it.
     #[arg(long, value_name = "OVERLAY.png")]
     overlay: Option<PathBuf>,
-}
-
-/// An RGB image, row-major HWC.
-pub struct Image {
-    /// Pixels, 3 bytes each.
-    pub rgb: Vec<u8>,
-    /// Rows.
-    pub h: usize,
-    /// Columns.
-    pub w: usize,
+    /// SAM 2 only: resize the longest side and pad (Sam2Rad's geometry) instead of the official
+    /// stretch to 1024×1024.
+    #[arg(long)]
+    longest_side: bool,
 }
 
 /// Reads any supported image as RGB u8.
-pub fn read_image(path: &Path) -> Result<Image> {
-    let (rgb, h, w) = preprocess::load_rgb(path)?;
-    Ok(Image { rgb, h, w })
+pub fn read_image(path: &Path) -> Result<RgbImage> {
+    Ok(preprocess::load_rgb(path)?)
 }
 
-/// The family's official preprocessing.
-pub fn preprocess(cfg: &SamConfig, img: &Image, dev: &Device) -> Result<Preprocessed> {
+/// The family's official preprocessing; `longest_side` switches SAM 2 from the official
+/// 1024×1024 stretch to longest-side resize + padding (what Sam2Rad trains with).
+pub fn preprocess(cfg: &SamConfig, img: &RgbImage, longest_side: bool, dev: &Device) -> Result<Preprocessed> {
+    let (rgb, h, w, s) = (&img.data, img.height, img.width, cfg.image_size);
     Ok(match cfg.family {
-        Family::MedSam => preprocess::medsam_preprocess(&img.rgb, img.h, img.w, cfg.image_size, dev)?,
-        _ => preprocess::sam_preprocess(&img.rgb, img.h, img.w, cfg.image_size, dev)?,
+        Family::MedSam => preprocess::medsam_preprocess(rgb, h, w, s, dev)?,
+        Family::Sam2 if longest_side => preprocess_sam2::sam2_preprocess_longest_side(rgb, h, w, s, dev)?,
+        Family::Sam2 => preprocess_sam2::sam2_preprocess(rgb, h, w, s, dev)?,
+        Family::Sam | Family::MobileSam => preprocess::sam_preprocess(rgb, h, w, s, dev)?,
     })
 }
 
@@ -163,13 +161,17 @@ pub fn run(args: Args) -> Result<()> {
     let cfg = args.model.config()?;
     let t0 = Instant::now();
     let backend = args.model.backend(false)?;
-    let sam = with_variant_hint(Sam::new(&cfg, backend.var_builder(&dev)), &backend, &cfg)?;
-    with_variant_hint(backend.check_unexpected(&[]), &backend, &cfg)?;
+    let sam = with_variant_hint(AnySam::new(&cfg, backend.var_builder(&dev)), &backend, &cfg)?;
+    with_variant_hint(
+        backend.check_unexpected(sam.unexpected_allowed_prefixes()),
+        &backend,
+        &cfg,
+    )?;
     let t_load = t0.elapsed();
 
     let t1 = Instant::now();
     let image = read_image(&args.image)?;
-    let pre = preprocess(&cfg, &image, &dev)?;
+    let pre = preprocess(&cfg, &image, args.longest_side, &dev)?;
     let mask_input = match &args.mask_input {
         Some(p) => Some(read_mask_input(p, &pre, cfg.image_size, &dev)?),
         None => None,
@@ -180,7 +182,7 @@ pub fn run(args: Args) -> Result<()> {
     let t_pre = t1.elapsed();
 
     let t2 = Instant::now();
-    let emb = sam.image_encoder.forward(&pre.input)?;
+    let emb = sam.embed(&pre.input)?;
     let t_enc = t2.elapsed();
 
     let t3 = Instant::now();
@@ -214,10 +216,13 @@ pub fn run(args: Args) -> Result<()> {
         out.insert("low_res_logits".to_string(), pred.low_res_logits.clone());
         out.insert("iou_predictions".to_string(), pred.iou_predictions.clone());
         out.insert("masks_logits".to_string(), pred.masks_logits.clone());
+        if let Some(obj) = &pred.object_score_logits {
+            out.insert("object_score_logits".to_string(), obj.clone());
+        }
         save_tensors(p, &out)?;
     }
     if let Some(p) = &args.overlay {
-        save_png(p, &overlay(&image.rgb, h, w, &mask))?;
+        save_png(p, &overlay(&image.data, h, w, &mask))?;
     }
     save_png(&args.out, &png)?;
     let area = mask.iter().filter(|&&m| m).count();

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use sam2rad_models::checkpoint::{Checkpoint, Source, WeightsBackend};
 use sam2rad_models::config::{SamConfig, PRESETS};
 use sam2rad_models::detect::detect;

@@ -14,6 +14,8 @@ pub enum Family {
     MobileSam,
     /// MedSAM (SAM ViT-B layout with its own preprocessing).
     MedSam,
+    /// SAM 2 / SAM 2.1 (Hiera encoder, FPN neck, object-score decoder).
+    Sam2,
 }
 
 /// SAM ViT image encoder hyper-parameters (`ImageEncoderViT`).
@@ -60,6 +62,39 @@ pub struct TinyVitConfig {
     pub local_conv_size: usize,
 }
 
+/// SAM 2 Hiera trunk + FPN neck hyper-parameters (`configs/sam2.1/sam2.1_hiera_*.yaml`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HieraConfig {
+    /// Width of the first stage (doubles at every stage).
+    pub embed_dim: usize,
+    /// Heads of the first stage (doubles at every stage).
+    pub num_heads: usize,
+    /// Blocks per stage.
+    pub stages: Vec<usize>,
+    /// Blocks that attend globally.
+    pub global_att_blocks: Vec<usize>,
+    /// Attention window of each stage.
+    #[serde(default = "default_window_spec")]
+    pub window_spec: Vec<usize>,
+    /// Side of the background positional embedding before bicubic interpolation.
+    #[serde(default = "default_bkg")]
+    pub window_pos_embed_bkg_spatial_size: [usize; 2],
+    /// Number of stage transitions that pool q (2×2).
+    #[serde(default = "default_three")]
+    pub q_pool: usize,
+    /// MLP hidden ratio.
+    #[serde(default = "default_mlp_ratio")]
+    pub mlp_ratio: f64,
+    /// Channels of the trunk stages, coarsest first (the FPN neck's input list).
+    pub backbone_channel_list: Vec<usize>,
+    /// FPN levels that receive the top-down (nearest-upsampled) path.
+    #[serde(default = "default_top_down")]
+    pub fpn_top_down_levels: Vec<usize>,
+    /// Coarsest FPN levels dropped from the output.
+    #[serde(default = "default_scalp")]
+    pub scalp: usize,
+}
+
 /// The image encoder variant and its hyper-parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -68,6 +103,8 @@ pub enum EncoderConfig {
     Vit(VitConfig),
     /// MobileSAM's TinyViT.
     TinyVit(TinyVitConfig),
+    /// SAM 2's Hiera trunk with its FPN neck.
+    Hiera(HieraConfig),
 }
 
 /// Mask decoder hyper-parameters (`MaskDecoder` + `TwoWayTransformer`).
@@ -159,9 +196,59 @@ fn default_prompt_dim() -> usize {
 fn default_image_size() -> usize {
     1024
 }
+fn default_window_spec() -> Vec<usize> {
+    vec![8, 4, 14, 7]
+}
+fn default_bkg() -> [usize; 2] {
+    [7, 7]
+}
+fn default_top_down() -> Vec<usize> {
+    vec![2, 3]
+}
+fn default_scalp() -> usize {
+    1
+}
 
 /// Names of the built-in presets, in the order `--help` lists them.
-pub const PRESETS: &[&str] = &["sam-vit-b", "sam-vit-l", "sam-vit-h", "mobile-sam", "medsam"];
+pub const PRESETS: &[&str] = &[
+    "sam-vit-b",
+    "sam-vit-l",
+    "sam-vit-h",
+    "mobile-sam",
+    "medsam",
+    "sam2-hiera-t",
+    "sam2-hiera-s",
+    "sam2-hiera-b+",
+    "sam2-hiera-l",
+    "sam2.1-hiera-t",
+    "sam2.1-hiera-s",
+    "sam2.1-hiera-b+",
+    "sam2.1-hiera-l",
+];
+
+/// A SAM 2 preset: (width, heads, stages, global blocks, window spec, background PE size).
+fn hiera(name: &str, dim: usize, heads: usize, stages: [usize; 4], global: [usize; 3], windows: [usize; 4], bkg: usize) -> SamConfig {
+    SamConfig {
+        name: name.to_string(),
+        family: Family::Sam2,
+        encoder: EncoderConfig::Hiera(HieraConfig {
+            embed_dim: dim,
+            num_heads: heads,
+            stages: stages.to_vec(),
+            global_att_blocks: global.to_vec(),
+            window_spec: windows.to_vec(),
+            window_pos_embed_bkg_spatial_size: [bkg, bkg],
+            q_pool: 3,
+            mlp_ratio: 4.0,
+            backbone_channel_list: vec![8 * dim, 4 * dim, 2 * dim, dim],
+            fpn_top_down_levels: vec![2, 3],
+            scalp: 1,
+        }),
+        prompt_embed_dim: 256,
+        image_size: 1024,
+        decoder: DecoderConfig::default(),
+    }
+}
 
 fn vit(name: &str, family: Family, dim: usize, depth: usize, heads: usize, global: [usize; 4]) -> SamConfig {
     SamConfig {
@@ -206,6 +293,22 @@ impl SamConfig {
                 image_size: 1024,
                 decoder: DecoderConfig::default(),
             },
+            _ if name.starts_with("sam2") => {
+                let size = name.rsplit('-').next().unwrap_or("");
+                let w = [8, 4, 14, 7];
+                match size {
+                    "t" => hiera(name, 96, 1, [1, 2, 7, 2], [5, 7, 9], w, 7),
+                    "s" => hiera(name, 96, 1, [1, 2, 11, 2], [7, 10, 13], w, 7),
+                    "b+" => hiera(name, 112, 2, [2, 3, 16, 3], [12, 16, 20], w, 14),
+                    "l" => hiera(name, 144, 2, [2, 6, 36, 4], [23, 33, 43], [8, 4, 16, 8], 7),
+                    _ => {
+                        return Err(ModelError::UnknownPreset {
+                            name: name.to_string(),
+                            known: PRESETS.join(", "),
+                        })
+                    }
+                }
+            }
             other => {
                 return Err(ModelError::UnknownPreset {
                     name: other.to_string(),
@@ -259,6 +362,22 @@ impl SamConfig {
                 }
                 if let Some(i) = v.global_attn_indexes.iter().find(|&&i| i >= v.depth) {
                     return Err(format!("global_attn_indexes has {i} but depth is {}", v.depth));
+                }
+            }
+            EncoderConfig::Hiera(h) => {
+                let n = h.stages.len();
+                if n == 0 || h.window_spec.len() != n || h.backbone_channel_list.len() != n {
+                    return Err("hiera needs one window_spec and backbone_channel_list entry per stage".into());
+                }
+                let blocks: usize = h.stages.iter().sum();
+                if let Some(i) = h.global_att_blocks.iter().find(|&&i| i >= blocks) {
+                    return Err(format!("global_att_blocks has {i} but there are {blocks} blocks"));
+                }
+                if h.num_heads == 0 || h.embed_dim % h.num_heads != 0 {
+                    return Err(format!(
+                        "hiera embed_dim {} must be divisible by num_heads {}",
+                        h.embed_dim, h.num_heads
+                    ));
                 }
             }
             EncoderConfig::TinyVit(t) => {

@@ -1,6 +1,6 @@
 //! Differentiable tensor ops with PyTorch semantics, built from candle primitives with a backward.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{bail, Result, Tensor, D};
 
 /// Softmax over the last dimension (max-shifted for stability; the shift carries no gradient).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -61,6 +61,9 @@ fn linear_weights(in_size: usize, out_size: usize) -> Vec<f32> {
 /// PyTorch's `F.interpolate(mode="bilinear")`. Written as two matmuls so gradients flow.
 pub fn resize_bilinear(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (n, c, ih, iw) = x.dims4()?;
+    if (ih == 0 && h != 0) || (iw == 0 && w != 0) {
+        bail!("resize_bilinear: cannot resize an empty {ih}x{iw} map to {h}x{w}");
+    }
     let dev = x.device();
     let dt = x.dtype();
     let mut y = x.clone();
@@ -97,6 +100,9 @@ fn nearest_index(in_size: usize, out_size: usize) -> Vec<u32> {
 /// accumulates every output's gradient into its source pixel.
 pub fn resize_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (_, _, ih, iw) = x.dims4()?;
+    if (ih == 0 && h != 0) || (iw == 0 && w != 0) {
+        bail!("resize_nearest: cannot resize an empty {ih}x{iw} map to {h}x{w}");
+    }
     let dev = x.device();
     let mut y = x.clone();
     if ih != h {
@@ -114,6 +120,9 @@ pub fn resize_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 /// rows/columns that do not fill a window are dropped, as PyTorch's default).
 pub fn max_pool2d(x: &Tensor, k: usize) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
+    if k == 0 {
+        bail!("max_pool2d: kernel size must be positive");
+    }
     let (oh, ow) = (h / k, w / k);
     let x = if oh * k != h || ow * k != w {
         x.narrow(2, 0, oh * k)?.narrow(3, 0, ow * k)?

@@ -183,7 +183,7 @@ impl AdamW {
         for (g, group) in self.groups.iter().enumerate() {
             let mut group_states = Vec::with_capacity(group.vars.len());
             for (i, var) in group.vars.iter().enumerate() {
-                let mut moment = |field: &str| -> Result<Tensor> {
+                let moment = |field: &str| -> Result<Tensor> {
                     let key = state_key(g, i, field);
                     let t = get(key.clone())?;
                     if t.shape() != var.shape() {
