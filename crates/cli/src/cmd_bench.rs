@@ -44,7 +44,10 @@ fn min(v: &[f64]) -> f64 {
 
 /// Times the encoder on a random 1024² input and the decoder with two clicks, multimask output.
 pub fn run(args: Args) -> Result<()> {
-    ensure!(args.runs >= 1 && args.decoder_runs >= 1, "--runs and --decoder-runs must be at least 1");
+    ensure!(
+        args.runs >= 1 && args.decoder_runs >= 1,
+        "--runs and --decoder-runs must be at least 1"
+    );
     let dev = Device::Cpu;
     let cfg = args.model.config()?;
     let backend = args.model.backend(args.random)?;
@@ -69,13 +72,20 @@ pub fn run(args: Args) -> Result<()> {
             .prompt_encoder()
             .forward(Some((&coords, &labels)), None, None)?;
         let out = sam.decode_full(&emb, &sparse, &dense)?;
-        out.masks_all.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        out.masks_all
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
         if i > 0 {
             dec.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
     let threads = candle_core::utils::get_num_threads();
-    println!("model: {} ({} weights), {threads} threads", cfg.name, if args.random { "random" } else { "file" });
+    println!(
+        "model: {} ({} weights), {threads} threads",
+        cfg.name,
+        if args.random { "random" } else { "file" }
+    );
     println!(
         "encoder: median {:.0} ms, min {:.0} ms over {} calls",
         median(enc.clone()),

@@ -46,11 +46,19 @@ pub fn run(args: Args) -> Result<()> {
     let vb = backend.var_builder(&dev);
     let (encoder, mut allowed) = match cfg.family {
         Family::Sam2 => (
-            Encoder::Sam2(with_variant_hint(Sam2ImageEncoder::new(&cfg, vb), &backend, &cfg)?),
+            Encoder::Sam2(with_variant_hint(
+                Sam2ImageEncoder::new(&cfg, vb),
+                &backend,
+                &cfg,
+            )?),
             vec!["sam_prompt_encoder.", "sam_mask_decoder."],
         ),
         _ => (
-            Encoder::Sam(with_variant_hint(ImageEncoder::new(&cfg, vb), &backend, &cfg)?),
+            Encoder::Sam(with_variant_hint(
+                ImageEncoder::new(&cfg, vb),
+                &backend,
+                &cfg,
+            )?),
             vec!["prompt_encoder.", "mask_decoder."],
         ),
     };

@@ -18,16 +18,26 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let ckpt = Checkpoint::load(&args.weights)?;
     let d = detect(&ckpt);
-    let params = parameter_count(ckpt.tensors.iter().map(|(k, t)| (k.as_str(), t.elem_count())));
+    let params = parameter_count(
+        ckpt.tensors
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.elem_count())),
+    );
     println!("file:       {}", args.weights.display());
     println!("family:     {}", d.family);
-    println!("preset:     {}", d.preset.as_deref().unwrap_or("none (custom layout)"));
+    println!(
+        "preset:     {}",
+        d.preset.as_deref().unwrap_or("none (custom layout)")
+    );
     if let Some(note) = d.note {
         println!("note:       {note}");
     }
     println!("tensors:    {}", ckpt.tensors.len());
     println!("parameters: {}", group_digits(params));
-    println!("elements:   {} (parameters + buffers)", group_digits(ckpt.num_elements()));
+    println!(
+        "elements:   {} (parameters + buffers)",
+        group_digits(ckpt.num_elements())
+    );
     Ok(())
 }
 

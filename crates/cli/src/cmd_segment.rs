@@ -25,7 +25,9 @@ pub struct Point {
 fn parse_numbers<const N: usize>(s: &str, what: &str) -> Result<[f32; N], String> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
     if parts.len() != N {
-        return Err(format!("{what} needs {N} comma-separated numbers, got `{s}`"));
+        return Err(format!(
+            "{what} needs {N} comma-separated numbers, got `{s}`"
+        ));
     }
     let mut out = [0f32; N];
     for (o, p) in out.iter_mut().zip(&parts) {
@@ -42,16 +44,24 @@ fn parse_numbers<const N: usize>(s: &str, what: &str) -> Result<[f32; N], String
 pub fn parse_point(s: &str) -> Result<Point, String> {
     let [x, y, l] = parse_numbers::<3>(s, "point")?;
     if l != 0.0 && l != 1.0 {
-        return Err(format!("point `{s}`: label must be 1 (positive) or 0 (negative), got {l}"));
+        return Err(format!(
+            "point `{s}`: label must be 1 (positive) or 0 (negative), got {l}"
+        ));
     }
-    Ok(Point { x, y, label: l as i64 })
+    Ok(Point {
+        x,
+        y,
+        label: l as i64,
+    })
 }
 
 /// Parses `x0,y0,x1,y1` with x0 ≤ x1 and y0 ≤ y1.
 pub fn parse_box(s: &str) -> Result<[f32; 4], String> {
     let b = parse_numbers::<4>(s, "box")?;
     if b[0] > b[2] || b[1] > b[3] {
-        return Err(format!("box `{s}` must be x0,y0,x1,y1 with x0 <= x1 and y0 <= y1"));
+        return Err(format!(
+            "box `{s}` must be x0,y0,x1,y1 with x0 <= x1 and y0 <= y1"
+        ));
     }
     Ok(b)
 }
@@ -99,33 +109,63 @@ pub fn read_image(path: &Path) -> Result<RgbImage> {
 
 /// The family's official preprocessing; `longest_side` switches SAM 2 from the official
 /// 1024×1024 stretch to longest-side resize + padding (what Sam2Rad trains with).
-pub fn preprocess(cfg: &SamConfig, img: &RgbImage, longest_side: bool, dev: &Device) -> Result<Preprocessed> {
+pub fn preprocess(
+    cfg: &SamConfig,
+    img: &RgbImage,
+    longest_side: bool,
+    dev: &Device,
+) -> Result<Preprocessed> {
     let (rgb, h, w, s) = (&img.data, img.height, img.width, cfg.image_size);
     Ok(match cfg.family {
         Family::MedSam => preprocess::medsam_preprocess(rgb, h, w, s, dev)?,
-        Family::Sam2 if longest_side => preprocess_sam2::sam2_preprocess_longest_side(rgb, h, w, s, dev)?,
+        Family::Sam2 if longest_side => {
+            preprocess_sam2::sam2_preprocess_longest_side(rgb, h, w, s, dev)?
+        }
         Family::Sam2 => preprocess_sam2::sam2_preprocess(rgb, h, w, s, dev)?,
         Family::Sam | Family::MobileSam => preprocess::sam_preprocess(rgb, h, w, s, dev)?,
     })
 }
 
-fn read_mask_input(path: &Path, pre: &Preprocessed, image_size: usize, dev: &Device) -> Result<Tensor> {
+fn read_mask_input(
+    path: &Path,
+    pre: &Preprocessed,
+    image_size: usize,
+    dev: &Device,
+) -> Result<Tensor> {
     let is_st = path.extension().and_then(|e| e.to_str()) == Some("safetensors");
     if is_st {
-        let tensors = candle_core::safetensors::load(path, dev)
-            .with_context(|| format!("mask input {}: not a readable safetensors file", path.display()))?;
+        let tensors = candle_core::safetensors::load(path, dev).with_context(|| {
+            format!(
+                "mask input {}: not a readable safetensors file",
+                path.display()
+            )
+        })?;
         let t = tensors
             .get("low_res_logits")
             .or_else(|| tensors.get("mask_input"))
-            .or_else(|| if tensors.len() == 1 { tensors.values().next() } else { None })
-            .with_context(|| format!("mask input {}: expected a tensor `low_res_logits` or `mask_input`", path.display()))?;
+            .or_else(|| {
+                if tensors.len() == 1 {
+                    tensors.values().next()
+                } else {
+                    None
+                }
+            })
+            .with_context(|| {
+                format!(
+                    "mask input {}: expected a tensor `low_res_logits` or `mask_input`",
+                    path.display()
+                )
+            })?;
         let low = image_size / 4;
         let t = t.to_dtype(candle_core::DType::F32)?;
         let t = match t.dims() {
             [1, 1, h, w] if *h == low && *w == low => t,
             [1, k, h, w] if *h == low && *w == low && *k > 1 => t.narrow(1, 0, 1)?,
-            [h, w] if *h == low && *w == low => t.reshape((1, 1, low, low))?,
-            d => bail!("mask input {}: shape {d:?}, expected [1,1,{low},{low}] logits", path.display()),
+            [h, w] | [1, h, w] if *h == low && *w == low => t.reshape((1, 1, low, low))?,
+            d => bail!(
+                "mask input {}: shape {d:?}, expected [1,1,{low},{low}] logits",
+                path.display()
+            ),
         };
         return Ok(t);
     }
@@ -144,11 +184,16 @@ fn read_mask_input(path: &Path, pre: &Preprocessed, image_size: usize, dev: &Dev
             orig_h
         );
     }
-    let vals: Vec<f32> = img.pixels().map(|p| if p.0[0] > 0 { 1.0 } else { 0.0 }).collect();
+    let vals: Vec<f32> = img
+        .pixels()
+        .map(|p| if p.0[0] > 0 { 1.0 } else { 0.0 })
+        .collect();
     let m = Tensor::from_vec(vals, (1, 1, orig_h, orig_w), dev)?;
     let (ih, iw) = pre.input_size;
     let m = sam2rad_nn::ops::resize_bilinear(&m, ih, iw)?;
-    let m = m.pad_with_zeros(2, 0, image_size - ih)?.pad_with_zeros(3, 0, image_size - iw)?;
+    let m = m
+        .pad_with_zeros(2, 0, image_size - ih)?
+        .pad_with_zeros(3, 0, image_size - iw)?;
     let low = image_size / 4;
     let m = sam2rad_nn::ops::resize_bilinear(&m, low, low)?;
     // Object → +8, background → −8: a confident prompt, like a thresholded previous prediction.
@@ -191,7 +236,13 @@ pub fn run(args: Args) -> Result<()> {
         boxes: args.bbox,
         mask_input,
     };
-    let pred = sam.predict(&emb, pre.original_size, pre.input_size, &prompts, args.multimask)?;
+    let pred = sam.predict(
+        &emb,
+        pre.original_size,
+        pre.input_size,
+        &prompts,
+        args.multimask,
+    )?;
     let t_dec = t3.elapsed();
 
     let ious = pred.iou_predictions.flatten_all()?.to_vec1::<f32>()?;
@@ -202,7 +253,12 @@ pub fn run(args: Args) -> Result<()> {
         .map(|(i, _)| i)
         .unwrap_or(0);
     let (h, w) = pre.original_size;
-    let logits = pred.masks_logits.get(0)?.get(best)?.flatten_all()?.to_vec1::<f32>()?;
+    let logits = pred
+        .masks_logits
+        .get(0)?
+        .get(best)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let mask: Vec<bool> = logits.iter().map(|&v| v > 0.0).collect();
     let png = image::GrayImage::from_raw(
         w as u32,

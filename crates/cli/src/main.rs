@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 
 /// Command-line interface of sam2rad.
 #[derive(Parser, Debug)]
-#[command(name = "sam2rad", version, about = "Segment-Anything for ultrasound, in one native binary")]
+#[command(
+    name = "sam2rad",
+    version,
+    about = "Segment-Anything for ultrasound, in one native binary"
+)]
 struct Cli {
     /// Worker threads for tensor maths (default: all cores).
     #[arg(long, global = true)]

@@ -69,7 +69,10 @@ pub fn with_variant_hint<T, E: Into<anyhow::Error>>(
         match backend.checkpoint().map(|c| detect(&c)) {
             Some(d) if d.preset.as_deref() != Some(cfg.name.as_str()) => {
                 let looks = d.preset.unwrap_or(d.family);
-                e.context(format!("cannot build `{}` (the file looks like {looks})", cfg.name))
+                e.context(format!(
+                    "cannot build `{}` (the file looks like {looks})",
+                    cfg.name
+                ))
             }
             _ => e.context(format!("cannot build `{}`", cfg.name)),
         }

@@ -60,10 +60,16 @@ pub fn overlay(rgb: &[u8], h: usize, w: usize, mask: &[bool]) -> image::RgbImage
             let i = y * w + x;
             let px = [rgb[3 * i], rgb[3 * i + 1], rgb[3 * i + 2]];
             let edge = mask[i]
-                && [(0i64, 1i64), (0, -1), (1, 0), (-1, 0)].iter().any(|(dy, dx)| {
-                    let (yy, xx) = (y as i64 + dy, x as i64 + dx);
-                    yy < 0 || xx < 0 || yy >= h as i64 || xx >= w as i64 || !mask[yy as usize * w + xx as usize]
-                });
+                && [(0i64, 1i64), (0, -1), (1, 0), (-1, 0)]
+                    .iter()
+                    .any(|(dy, dx)| {
+                        let (yy, xx) = (y as i64 + dy, x as i64 + dx);
+                        yy < 0
+                            || xx < 0
+                            || yy >= h as i64
+                            || xx >= w as i64
+                            || !mask[yy as usize * w + xx as usize]
+                    });
             let p = if edge {
                 [255, 230, 0]
             } else if mask[i] {

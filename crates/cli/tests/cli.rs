@@ -53,8 +53,16 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn inspect_reports_family_and_parameter_count() {
-    let out = sam2rad(&["inspect", "--weights", &fixture("reference/sam_vit_reduced.pt")]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = sam2rad(&[
+        "inspect",
+        "--weights",
+        &fixture("reference/sam_vit_reduced.pt"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("SAM ViT"), "{text}");
     // The reduced manifest lists every weight; parameters exclude the PE buffer.
@@ -65,15 +73,35 @@ fn inspect_reports_family_and_parameter_count() {
     let weights = man["weights"]["tensors"].as_array().expect("tensor list");
     let mut params = 0u64;
     for w in weights {
-        let n: u64 = w["shape"].as_array().expect("shape").iter().map(|d| d.as_u64().expect("dim")).product();
-        if !w["key"].as_str().expect("key").ends_with("positional_encoding_gaussian_matrix") {
+        let n: u64 = w["shape"]
+            .as_array()
+            .expect("shape")
+            .iter()
+            .map(|d| d.as_u64().expect("dim"))
+            .product();
+        if !w["key"]
+            .as_str()
+            .expect("key")
+            .ends_with("positional_encoding_gaussian_matrix")
+        {
             params += n;
         }
     }
-    let line = text.lines().find(|l| l.starts_with("parameters:")).expect("parameters line");
-    let shown: u64 = line.trim_start_matches("parameters:").trim().replace(',', "").parse().expect("number");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("parameters:"))
+        .expect("parameters line");
+    let shown: u64 = line
+        .trim_start_matches("parameters:")
+        .trim()
+        .replace(',', "")
+        .parse()
+        .expect("number");
     assert_eq!(shown, params);
-    let tensors = text.lines().find(|l| l.starts_with("tensors:")).expect("tensors line");
+    let tensors = text
+        .lines()
+        .find(|l| l.starts_with("tensors:"))
+        .expect("tensors line");
     assert!(tensors.ends_with(&weights.len().to_string()), "{tensors}");
 }
 
@@ -92,7 +120,11 @@ fn embed_matches_pytorch_image_embeddings() {
         "--out",
         out_path.to_str().expect("utf8"),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ours = load(&out_path);
     let reference = load(&root().join("fixtures/reference/sam_vit_reduced_outputs.safetensors"));
     let err = max_abs_diff(&ours["image_embeddings"], &reference["image_embeddings"]);
@@ -123,20 +155,38 @@ fn segment_box_matches_pytorch_and_writes_outputs() {
         "--overlay",
         overlay.to_str().expect("utf8"),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ours = load(&logits);
     let reference = load(&root().join("fixtures/reference/sam_vit_reduced_outputs.safetensors"));
-    let low = max_abs_diff(&ours["low_res_logits"], &reference["box_single.low_res_logits"]);
-    let iou = max_abs_diff(&ours["iou_predictions"], &reference["box_single.iou_predictions"]);
-    let full_ref = reference["box_single.masks_logits"].unsqueeze(0).expect("batch dim");
+    let low = max_abs_diff(
+        &ours["low_res_logits"],
+        &reference["box_single.low_res_logits"],
+    );
+    let iou = max_abs_diff(
+        &ours["iou_predictions"],
+        &reference["box_single.iou_predictions"],
+    );
+    let full_ref = reference["box_single.masks_logits"]
+        .unsqueeze(0)
+        .expect("batch dim");
     let full = max_abs_diff(&ours["masks_logits"], &full_ref);
     println!("segment errors: low-res {low:e}, iou {iou:e}, masks {full:e}");
-    assert!(low <= 1e-3 && iou <= 1e-4 && full <= 1e-3, "low {low} iou {iou} masks {full}");
+    assert!(
+        low <= 1e-3 && iou <= 1e-4 && full <= 1e-3,
+        "low {low} iou {iou} masks {full}"
+    );
 
     // The PNG is the thresholded mask, 0/255, wherever the reference is not on the boundary.
     let png = image::open(&mask).expect("mask png").to_luma8();
     assert_eq!((png.width(), png.height()), (400, 300));
-    let r = full_ref.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("ref values");
+    let r = full_ref
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("ref values");
     for (i, p) in png.pixels().enumerate() {
         assert!(p.0[0] == 0 || p.0[0] == 255);
         if r[i].abs() > 1e-3 {
@@ -239,6 +289,9 @@ fn bad_prompt_values_are_clear_errors() {
         ]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{flag} {value} accepted");
-        assert!(!stderr.contains("panicked") && stderr.contains(needle), "{stderr}");
+        assert!(
+            !stderr.contains("panicked") && stderr.contains(needle),
+            "{stderr}"
+        );
     }
 }

@@ -178,12 +178,20 @@ impl WeightsBackend {
 
     /// Every key the model asked for, with its shape.
     pub fn used(&self) -> BTreeMap<String, Vec<usize>> {
-        self.inner.used.lock().map(|u| u.clone()).unwrap_or_default()
+        self.inner
+            .used
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default()
     }
 
     /// The trainable variables created so far, by key.
     pub fn vars(&self) -> Vec<(String, Var)> {
-        self.inner.vars.lock().map(|v| v.clone()).unwrap_or_default()
+        self.inner
+            .vars
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
     }
 
     /// After building a model from a file: fails on the first file key (sorted) that no module
@@ -245,7 +253,9 @@ impl SimpleBackend for WeightsBackend {
                 for b in name.bytes() {
                     h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
                 }
-                random_normal(&s, h, *std)?.to_dtype(dtype)?.to_device(dev)?
+                random_normal(&s, h, *std)?
+                    .to_dtype(dtype)?
+                    .to_device(dev)?
             }
         };
         if let Ok(mut used) = self.inner.used.lock() {
@@ -321,7 +331,10 @@ pub fn diff_key_shapes(
     }
     for k in a.intersection(&b) {
         if built[*k] != expected[*k] {
-            out.push(format!("shape of {k}: built {:?}, manifest {:?}", built[*k], expected[*k]));
+            out.push(format!(
+                "shape of {k}: built {:?}, manifest {:?}",
+                built[*k], expected[*k]
+            ));
         }
     }
     out

@@ -227,7 +227,15 @@ pub const PRESETS: &[&str] = &[
 ];
 
 /// A SAM 2 preset: (width, heads, stages, global blocks, window spec, background PE size).
-fn hiera(name: &str, dim: usize, heads: usize, stages: [usize; 4], global: [usize; 3], windows: [usize; 4], bkg: usize) -> SamConfig {
+fn hiera(
+    name: &str,
+    dim: usize,
+    heads: usize,
+    stages: [usize; 4],
+    global: [usize; 3],
+    windows: [usize; 4],
+    bkg: usize,
+) -> SamConfig {
     SamConfig {
         name: name.to_string(),
         family: Family::Sam2,
@@ -250,7 +258,14 @@ fn hiera(name: &str, dim: usize, heads: usize, stages: [usize; 4], global: [usiz
     }
 }
 
-fn vit(name: &str, family: Family, dim: usize, depth: usize, heads: usize, global: [usize; 4]) -> SamConfig {
+fn vit(
+    name: &str,
+    family: Family,
+    dim: usize,
+    depth: usize,
+    heads: usize,
+    global: [usize; 4],
+) -> SamConfig {
     SamConfig {
         name: name.to_string(),
         family,
@@ -361,17 +376,25 @@ impl SamConfig {
                     ));
                 }
                 if let Some(i) = v.global_attn_indexes.iter().find(|&&i| i >= v.depth) {
-                    return Err(format!("global_attn_indexes has {i} but depth is {}", v.depth));
+                    return Err(format!(
+                        "global_attn_indexes has {i} but depth is {}",
+                        v.depth
+                    ));
                 }
             }
             EncoderConfig::Hiera(h) => {
                 let n = h.stages.len();
                 if n == 0 || h.window_spec.len() != n || h.backbone_channel_list.len() != n {
-                    return Err("hiera needs one window_spec and backbone_channel_list entry per stage".into());
+                    return Err(
+                        "hiera needs one window_spec and backbone_channel_list entry per stage"
+                            .into(),
+                    );
                 }
                 let blocks: usize = h.stages.iter().sum();
                 if let Some(i) = h.global_att_blocks.iter().find(|&&i| i >= blocks) {
-                    return Err(format!("global_att_blocks has {i} but there are {blocks} blocks"));
+                    return Err(format!(
+                        "global_att_blocks has {i} but there are {blocks} blocks"
+                    ));
                 }
                 if h.num_heads == 0 || h.embed_dim % h.num_heads != 0 {
                     return Err(format!(
@@ -382,7 +405,11 @@ impl SamConfig {
             }
             EncoderConfig::TinyVit(t) => {
                 let n = t.embed_dims.len();
-                if n != 4 || t.depths.len() != n || t.num_heads.len() != n || t.window_sizes.len() != n {
+                if n != 4
+                    || t.depths.len() != n
+                    || t.num_heads.len() != n
+                    || t.window_sizes.len() != n
+                {
                     return Err("tiny_vit needs 4 entries in embed_dims, depths, num_heads and window_sizes".into());
                 }
                 for i in 1..n {

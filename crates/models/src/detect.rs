@@ -89,9 +89,9 @@ pub fn detect(ckpt: &Checkpoint) -> Detected {
             _ => None,
         };
         let note = match preset {
-            Some("sam-vit-b") => {
-                Some("MedSAM uses the same layout: pass --model medsam for its preprocessing".into())
-            }
+            Some("sam-vit-b") => Some(
+                "MedSAM uses the same layout: pass --model medsam for its preprocessing".into(),
+            ),
             Some(_) => None,
             None => Some(format!(
                 "custom ViT: embed_dim {dim}, depth {depth} (use --model-config)"

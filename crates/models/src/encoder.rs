@@ -21,14 +21,20 @@ impl ImageEncoder {
     pub fn new(cfg: &SamConfig, vb: VarBuilder) -> Result<Self> {
         let vb = vb.pp("image_encoder");
         Ok(match &cfg.encoder {
-            EncoderConfig::Vit(v) => {
-                Self::Vit(ImageEncoderViT::new(v, cfg.image_size, cfg.prompt_embed_dim, vb)?)
-            }
+            EncoderConfig::Vit(v) => Self::Vit(ImageEncoderViT::new(
+                v,
+                cfg.image_size,
+                cfg.prompt_embed_dim,
+                vb,
+            )?),
             EncoderConfig::TinyVit(t) => {
                 Self::TinyVit(TinyViT::new(t, cfg.image_size, cfg.prompt_embed_dim, vb)?)
             }
             EncoderConfig::Hiera(_) => {
-                candle_core::bail!("model `{}`: the SAM 2 Hiera encoder is not an ImageEncoder variant", cfg.name)
+                candle_core::bail!(
+                    "model `{}`: the SAM 2 Hiera encoder is not an ImageEncoder variant",
+                    cfg.name
+                )
             }
         })
     }

@@ -12,9 +12,11 @@ use crate::config::VitConfig;
 /// LayerNorm eps of the encoder blocks and the neck.
 const LN_EPS: f64 = 1e-6;
 
-/// Upper bound on attention-score elements materialised at once: global attention over 4096
-/// tokens is 16.8 M scores per head, so heads are processed in chunks to bound memory.
-const MAX_SCORE_ELEMS: usize = 1 << 25;
+/// Upper bound on elements of the large temporaries (attention scores, MLP hidden activations)
+/// materialised at once. Besides bounding memory (global attention has 16.8 M scores per head),
+/// blocks of 16 MB stay under glibc's 32 MB mmap ceiling, so their memory is reused instead of
+/// being mapped and page-faulted afresh for every op.
+pub(crate) const MAX_TEMP_ELEMS: usize = 1 << 22;
 
 /// One decomposed relative-position table (`rel_pos_h` or `rel_pos_w`) for a square grid.
 #[derive(Debug, Clone)]
@@ -88,47 +90,70 @@ impl Attention {
         }
         let (nh, n) = (self.num_heads, h * w);
         let hd = c / nh;
-        // [3, heads, B, N, hd]: a head chunk is then one contiguous slice.
+        // [3, heads, B, N, hd], so q, k and v are contiguous [heads·B, N, hd] batches.
         let qkv = self
             .qkv
             .forward(x)?
             .reshape((b, n, 3, nh, hd))?
             .permute((2, 3, 0, 1, 4))?
             .contiguous()?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
-        let rh = self.rel_h.gathered_t()?;
-        let rw = self.rel_w.gathered_t()?;
-        let chunk = (MAX_SCORE_ELEMS / (b * n * n)).clamp(1, nh);
-        let mut outs = Vec::with_capacity(nh.div_ceil(chunk));
-        for h0 in (0..nh).step_by(chunk) {
-            let hc = chunk.min(nh - h0);
-            let bs = hc * b;
-            let q = q.narrow(0, h0, hc)?.reshape((bs, n, hd))?;
-            let k = k.narrow(0, h0, hc)?.reshape((bs, n, hd))?;
-            let v = v.narrow(0, h0, hc)?.reshape((bs, n, hd))?;
-            let attn = (&q * self.scale)?.matmul(&k.t()?)?;
-            // Decomposed rel-pos terms use the unscaled q, as the official code does.
-            // rel_h[b,y,x,ky] = Σc q[b,y,x,c]·Rh[y,ky,c]: one matmul per query row y.
-            let qg = q.reshape((bs, h, w, hd))?;
-            let rel_h = qg
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((h, bs * w, hd))?
-                .matmul(&rh)?
-                .reshape((h, bs, w, h))?
-                .transpose(0, 1)?;
-            // rel_w[b,y,x,kx] = Σc q[b,y,x,c]·Rw[x,kx,c]: one matmul per query column x.
-            let rel_w = qg
-                .permute((2, 0, 1, 3))?
-                .contiguous()?
-                .reshape((w, bs * h, hd))?
-                .matmul(&rw)?
-                .reshape((w, bs, h, w))?
-                .permute((1, 2, 0, 3))?;
-            let attn = rel_pos_softmax(&attn, &rel_h, &rel_w)?;
-            outs.push(attn.matmul(&v)?);
-        }
-        // [heads·B, N, hd] -> [B, H, W, heads·hd]
+        let bs = nh * b;
+        let q = qkv.get(0)?.reshape((bs, n, hd))?;
+        let k = qkv.get(1)?.reshape((bs, n, hd))?;
+        let v = qkv.get(2)?.reshape((bs, n, hd))?;
+        // Decomposed rel-pos terms use the unscaled q, as the official code does.
+        // rel_h[b,y,x,ky] = Σc q[b,y,x,c]·Rh[y,ky,c]: one matmul per query row y.
+        let qg = q.reshape((bs, h, w, hd))?;
+        let rel_h = qg
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((h, bs * w, hd))?
+            .matmul(&self.rel_h.gathered_t()?)?
+            .reshape((h, bs, w, h))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((bs, n, h))?;
+        // rel_w[b,y,x,kx] = Σc q[b,y,x,c]·Rw[x,kx,c]: one matmul per query column x.
+        let rel_w = qg
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((w, bs * h, hd))?
+            .matmul(&self.rel_w.gathered_t()?)?
+            .reshape((w, bs, h, w))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((bs, n, w))?;
+        // Scores are built in blocks of whole (head, window) items, or of query rows when one
+        // item is too large (global attention), so no block exceeds MAX_TEMP_ELEMS.
+        let rows = (MAX_TEMP_ELEMS / n).max(1);
+        let blocks: Vec<(usize, usize, usize, usize)> = if rows >= n {
+            let items = rows / n;
+            (0..bs)
+                .step_by(items)
+                .map(|i| (i, items.min(bs - i), 0, n))
+                .collect()
+        } else {
+            (0..bs)
+                .flat_map(|i| {
+                    (0..n)
+                        .step_by(rows)
+                        .map(move |r| (i, 1, r, rows.min(n - r)))
+                })
+                .collect()
+        };
+        let outs = blocks
+            .into_iter()
+            .map(|(i, ni, r, nr)| {
+                let q = q.narrow(0, i, ni)?.narrow(1, r, nr)?;
+                let attn = (q * self.scale)?.matmul(&k.narrow(0, i, ni)?.t()?)?;
+                let rh = rel_h.narrow(0, i, ni)?.narrow(1, r, nr)?;
+                let rw = rel_w.narrow(0, i, ni)?.narrow(1, r, nr)?;
+                rel_pos_softmax(&attn, &rh, &rw)?
+                    .matmul(&v.narrow(0, i, ni)?)?
+                    .reshape((ni * nr, hd))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Blocks are in (item, row) order: [heads·B·N, hd] -> [B, H, W, heads·hd]
         let out = Tensor::cat(&outs, 0)?
             .reshape((nh, b, n, hd))?
             .permute((1, 2, 0, 3))?
@@ -138,37 +163,34 @@ impl Attention {
 }
 
 /// `softmax(attn + rel_h[..., :, None] + rel_w[..., None, :])` over the keys, for scores
-/// `attn` `[B, N, N]` and rel-pos terms `[B, qh, qw, kh]` / `[B, qh, qw, kw]` (N = qh·qw = kh·kw).
+/// `attn` `[B, R, kh·kw]` and rel-pos terms `rel_h` `[B, R, kh]`, `rel_w` `[B, R, kw]`.
 ///
-/// On CPU in f32 this is one fused pass ([`RelPosSoftmax`]): the composed form streams the
-/// 16.8 M scores of a global-attention head through memory about eight times.
+/// On CPU in f32 this is one fused pass ([`RelPosSoftmax`]); the composed form streams the scores
+/// through memory about eight times, which dominated global attention.
 fn rel_pos_softmax(attn: &Tensor, rel_h: &Tensor, rel_w: &Tensor) -> Result<Tensor> {
-    let (bs, n, m) = attn.dims3()?;
-    let (_, qh, qw, kh) = rel_h.dims4()?;
-    let kw = rel_w.dim(3)?;
+    let (b, r, m) = attn.dims3()?;
+    let (kh, kw) = (rel_h.dim(2)?, rel_w.dim(2)?);
     if attn.device().is_cpu() && attn.dtype() == DType::F32 {
-        let rows = bs * qh * qw;
-        let rh = rel_h.contiguous()?.reshape((rows, kh))?;
-        let rw = rel_w.contiguous()?.reshape((rows, kw))?;
+        let rh = rel_h.contiguous()?.reshape((b * r, kh))?;
+        let rw = rel_w.contiguous()?.reshape((b * r, kw))?;
         return attn
             .contiguous()?
-            .reshape((rows, kh * kw))?
+            .reshape((b * r, m))?
             .apply_op3(&rh, &rw, RelPosSoftmax)?
-            .reshape((bs, n, m));
+            .reshape((b, r, m));
     }
     rel_pos_softmax_composed(attn, rel_h, rel_w)
 }
 
 /// [`rel_pos_softmax`] from generic ops (any device and dtype).
 fn rel_pos_softmax_composed(attn: &Tensor, rel_h: &Tensor, rel_w: &Tensor) -> Result<Tensor> {
-    let (bs, n, m) = attn.dims3()?;
-    let (_, qh, qw, kh) = rel_h.dims4()?;
-    let kw = rel_w.dim(3)?;
+    let (b, r, m) = attn.dims3()?;
+    let (kh, kw) = (rel_h.dim(2)?, rel_w.dim(2)?);
     let logits = attn
-        .reshape((bs, qh, qw, kh, kw))?
-        .broadcast_add(&rel_h.unsqueeze(4)?)?
-        .broadcast_add(&rel_w.unsqueeze(3)?)?
-        .reshape((bs, n, m))?;
+        .reshape((b, r, kh, kw))?
+        .broadcast_add(&rel_h.unsqueeze(3)?)?
+        .broadcast_add(&rel_w.unsqueeze(2)?)?
+        .reshape((b, r, m))?;
     ops::softmax_last_dim(&logits)
 }
 
@@ -194,7 +216,12 @@ impl CustomOp3 for RelPosSoftmax {
         let (r2, kh) = l2.shape().dims2()?;
         let (r3, kw) = l3.shape().dims2()?;
         if r2 != rows || r3 != rows || kh * kw != cols {
-            candle_core::bail!("rel-pos softmax: shapes {:?} {:?} {:?}", l1.dims(), l2.dims(), l3.dims())
+            candle_core::bail!(
+                "rel-pos softmax: shapes {:?} {:?} {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
         }
         let attn = contiguous_f32(s1, l1)?;
         let rel_h = contiguous_f32(s2, l2)?;
@@ -229,23 +256,23 @@ impl CustomOp3 for RelPosSoftmax {
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("rel-pos softmax needs contiguous inputs"),
+        None => candle_core::bail!("fused CPU op needs contiguous inputs"),
     }
 }
 
 /// Worker threads for the fused op (candle's count, which honours `RAYON_NUM_THREADS`), read
 /// once: candle's lookup parses /proc/cpuinfo on every call.
-fn num_threads() -> usize {
+pub(crate) fn num_threads() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(candle_core::utils::get_num_threads)
 }
 
 /// Runs `f(row_index, row)` over the `row_len`-long rows of `out`, split across threads.
-fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(crate) fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = out.len() / row_len;
     let per = rows.div_ceil(num_threads().clamp(1, rows.max(1)));
     let f = &f;
@@ -263,7 +290,11 @@ fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Syn
 /// One row of [`RelPosSoftmax`]; 8 independent lanes keep the reductions vectorisable.
 fn softmax_row(attn: &[f32], rel_h: &[f32], rel_w: &[f32], out: &mut [f32]) {
     let kw = rel_w.len();
-    for ((o, a), &bh) in out.chunks_exact_mut(kw).zip(attn.chunks_exact(kw)).zip(rel_h) {
+    for ((o, a), &bh) in out
+        .chunks_exact_mut(kw)
+        .zip(attn.chunks_exact(kw))
+        .zip(rel_h)
+    {
         for ((o, &a), &bw) in o.iter_mut().zip(a).zip(rel_w) {
             // Same association as PyTorch: (attn + rel_h) + rel_w.
             *o = a + bh + bw;
@@ -276,7 +307,11 @@ fn softmax_row(attn: &[f32], rel_h: &[f32], rel_w: &[f32], out: &mut [f32]) {
             *m = if v > *m { v } else { *m };
         }
     }
-    let max = chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut lanes = [0f32; 8];
     let mut chunks = out.chunks_exact_mut(8);
     for c in &mut chunks {
@@ -395,9 +430,24 @@ impl Block {
             self.attn.forward(&xn)?
         };
         let x = (x + a)?;
-        let m = self.lin1.forward(&self.norm2.forward(&x)?)?;
-        let m = self.lin2.forward(&ops::gelu(&m)?)?;
+        let m = self.mlp(&x)?;
         x + m
+    }
+
+    /// `lin2(gelu(lin1(norm2(x))))`, over blocks of tokens to keep the hidden activations small.
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let tokens = x.reshape((b * h * w, c))?;
+        let step = (MAX_TEMP_ELEMS / self.lin1.weight().dim(0)?).max(1);
+        let outs = (0..b * h * w)
+            .step_by(step)
+            .map(|t| {
+                let xt = tokens.narrow(0, t, step.min(b * h * w - t))?;
+                let m = self.lin1.forward(&self.norm2.forward(&xt)?)?;
+                self.lin2.forward(&ops::gelu(&m)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&outs, 0)?.reshape((b, h, w, c))
     }
 }
 
@@ -419,7 +469,11 @@ impl ImageEncoderViT {
     /// `image_encoder` prefix.
     pub fn new(cfg: &VitConfig, img_size: usize, out_chans: usize, vb: VarBuilder) -> Result<Self> {
         let (dim, p) = (cfg.embed_dim, cfg.patch_size);
-        if cfg.num_heads == 0 || dim % cfg.num_heads != 0 || p == 0 || img_size % p != 0 {
+        if cfg.num_heads == 0
+            || !dim.is_multiple_of(cfg.num_heads)
+            || p == 0
+            || !img_size.is_multiple_of(p)
+        {
             candle_core::bail!(
                 "vit: embed_dim {dim} / num_heads {} / patch {p} / image size {img_size} are \
                  inconsistent",
@@ -515,12 +569,12 @@ mod tests {
     #[test]
     fn fused_rel_pos_softmax_matches_composed() -> Result<()> {
         let dev = Device::Cpu;
-        let (bs, qh, qw, kh, kw) = (3, 2, 5, 4, 3);
-        let (n, m) = (qh * qw, kh * kw);
-        // Non-square query/key grids are not used by the encoder but exercise the indexing.
+        let (bs, n, kh, kw) = (3, 10, 4, 3);
+        let m = kh * kw;
+        // Non-square key grids and n != m are not used by the encoder but exercise the indexing.
         let attn = Var::from_tensor(&Tensor::randn(0f32, 2.0, (bs, n, m), &dev)?)?;
-        let rh = Var::from_tensor(&Tensor::randn(0f32, 1.0, (bs, qh, qw, kh), &dev)?)?;
-        let rw = Var::from_tensor(&Tensor::randn(0f32, 1.0, (bs, qh, qw, kw), &dev)?)?;
+        let rh = Var::from_tensor(&Tensor::randn(0f32, 1.0, (bs, n, kh), &dev)?)?;
+        let rw = Var::from_tensor(&Tensor::randn(0f32, 1.0, (bs, n, kw), &dev)?)?;
         let weights = Tensor::randn(0f32, 1.0, (bs, n, m), &dev)?;
         let run = |fused: bool| -> Result<Vec<Tensor>> {
             let (a, h, w) = (attn.as_tensor(), rh.as_tensor(), rw.as_tensor());
@@ -532,9 +586,12 @@ mod tests {
             let grads = (&y * &weights)?.sum_all()?.backward()?;
             let mut out = vec![y];
             for v in [&attn, &rh, &rw] {
-                out.push(grads.get(v.as_tensor()).cloned().ok_or_else(|| {
-                    candle_core::Error::Msg("missing gradient".into())
-                })?);
+                out.push(
+                    grads
+                        .get(v.as_tensor())
+                        .cloned()
+                        .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))?,
+                );
             }
             Ok(out)
         };

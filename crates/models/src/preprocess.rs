@@ -93,7 +93,11 @@ pub fn resize_pillow_bilinear(
     new_h: usize,
     new_w: usize,
 ) -> Vec<u8> {
-    assert_eq!(src.len(), h * w * channels, "resize: buffer is not {h}x{w}x{channels}");
+    assert_eq!(
+        src.len(),
+        h * w * channels,
+        "resize: buffer is not {h}x{w}x{channels}"
+    );
     if new_h == 0 || new_w == 0 || h == 0 || w == 0 {
         return vec![0; new_h * new_w * channels];
     }
@@ -384,7 +388,11 @@ pub fn load_rgb(path: &Path) -> std::result::Result<RgbImage, ModelError> {
     use image::DynamicImage as D;
     let data = match img {
         D::ImageLuma8(g) => g.into_raw().iter().flat_map(|&v| [v, v, v]).collect(),
-        D::ImageLumaA8(g) => g.into_raw().chunks_exact(2).flat_map(|p| [p[0]; 3]).collect(),
+        D::ImageLumaA8(g) => g
+            .into_raw()
+            .chunks_exact(2)
+            .flat_map(|p| [p[0]; 3])
+            .collect(),
         D::ImageRgb8(rgb) => rgb.into_raw(),
         D::ImageRgba8(rgba) => rgba
             .into_raw()
@@ -401,12 +409,19 @@ pub fn load_rgb(path: &Path) -> std::result::Result<RgbImage, ModelError> {
         }
         other => {
             // Every remaining layout (16-bit or float RGB(A)) goes through f32 RGB.
-            let v: Vec<f64> = other.into_rgb32f().into_raw().iter().map(|&x| x as f64).collect();
+            let v: Vec<f64> = other
+                .into_rgb32f()
+                .into_raw()
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
             minmax_to_u8(&v)
         }
     };
     if data.len() != height * width * 3 || height == 0 || width == 0 {
-        return Err(bad(format!("unsupported or empty image ({height}x{width})")));
+        return Err(bad(format!(
+            "unsupported or empty image ({height}x{width})"
+        )));
     }
     Ok(RgbImage {
         data,

@@ -7,14 +7,18 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use sam2rad_models::checkpoint::{Checkpoint, Source, WeightsBackend};
-use sam2rad_models::config::{DecoderConfig, EncoderConfig, Family, SamConfig, TinyVitConfig, VitConfig};
+use sam2rad_models::config::{
+    DecoderConfig, EncoderConfig, Family, SamConfig, TinyVitConfig, VitConfig,
+};
 use sam2rad_models::encoder::ImageEncoder;
 use sam2rad_models::preprocess::{load_rgb, sam_preprocess};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/reference")
+        .join(name)
 }
 
 fn reduced_vit() -> SamConfig {
@@ -80,11 +84,17 @@ fn parity(
     let (emb, levels) = encoder.forward_levels(&x)?;
     let secs = start.elapsed().as_secs_f64();
     let mut refs = candle_core::safetensors::load(fixture(outputs), &Device::Cpu)?;
-    let want = refs.remove("image_embeddings").ok_or("no image_embeddings")?;
+    let want = refs
+        .remove("image_embeddings")
+        .ok_or("no image_embeddings")?;
     assert_eq!(emb.dims(), want.dims());
     let err = max_abs(&emb, &want)?;
     let plain = encoder.forward(&x)?;
-    assert_eq!(max_abs(&emb, &plain)?, 0.0, "forward and forward_levels disagree");
+    assert_eq!(
+        max_abs(&emb, &plain)?,
+        0.0,
+        "forward and forward_levels disagree"
+    );
     println!("{weights}: image_embeddings max abs error {err:.3e} ({secs:.2} s)");
     assert_eq!(levels.len(), 2);
     for (l, c) in levels.iter().zip(encoder.level_channels()) {
@@ -95,14 +105,22 @@ fn parity(
 
 #[test]
 fn sam_vit_reduced_safetensors() -> TestResult {
-    let (err, _) = parity(&reduced_vit(), "sam_vit_reduced.safetensors", "sam_vit_reduced_outputs.safetensors")?;
+    let (err, _) = parity(
+        &reduced_vit(),
+        "sam_vit_reduced.safetensors",
+        "sam_vit_reduced_outputs.safetensors",
+    )?;
     assert!(err <= 1e-4, "max abs error {err}");
     Ok(())
 }
 
 #[test]
 fn sam_vit_reduced_pt() -> TestResult {
-    let (err, _) = parity(&reduced_vit(), "sam_vit_reduced.pt", "sam_vit_reduced_outputs.safetensors")?;
+    let (err, _) = parity(
+        &reduced_vit(),
+        "sam_vit_reduced.pt",
+        "sam_vit_reduced_outputs.safetensors",
+    )?;
     assert!(err <= 1e-4, "max abs error {err}");
     Ok(())
 }

@@ -15,7 +15,10 @@ struct Manifest {
 }
 
 fn manifest(file: &str) -> Manifest {
-    let path = format!("{}/../../fixtures/manifests/{file}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/../../fixtures/manifests/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let text = std::fs::read_to_string(&path).expect("manifest readable");
     let v: serde_json::Value = serde_json::from_str(&text).expect("manifest is JSON");
     let shapes = v["state_dict"]["tensors"]
@@ -60,7 +63,11 @@ fn check(preset: &str, file: &str) {
         .filter(|(k, _)| !is_ignored_key(k))
         .collect();
     let diff = diff_key_shapes(&built, &expected);
-    assert!(diff.is_empty(), "{preset} differs from {file}:\n{}", diff.join("\n"));
+    assert!(
+        diff.is_empty(),
+        "{preset} differs from {file}:\n{}",
+        diff.join("\n")
+    );
 }
 
 #[test]
@@ -93,7 +100,10 @@ fn mobile_sam_matches_official_keys() {
         || k.starts_with("image_encoder.norm_head.")
         || k.ends_with(".num_batches_tracked")));
     assert_eq!(
-        skipped.iter().filter(|k| !k.ends_with(".num_batches_tracked")).count(),
+        skipped
+            .iter()
+            .filter(|k| !k.ends_with(".num_batches_tracked"))
+            .count(),
         4,
         "head.weight, head.bias, norm_head.weight, norm_head.bias"
     );

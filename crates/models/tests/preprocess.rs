@@ -11,12 +11,19 @@ use sam2rad_models::preprocess::{
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/reference")
+        .join(name)
 }
 
 fn reference(name: &str) -> Result<Tensor, Box<dyn std::error::Error>> {
-    let mut all = candle_core::safetensors::load(fixture("sam_vit_reduced_outputs.safetensors"), &Device::Cpu)?;
-    Ok(all.remove(name).ok_or(format!("no `{name}` in the outputs file"))?)
+    let mut all = candle_core::safetensors::load(
+        fixture("sam_vit_reduced_outputs.safetensors"),
+        &Device::Cpu,
+    )?;
+    Ok(all
+        .remove(name)
+        .ok_or(format!("no `{name}` in the outputs file"))?)
 }
 
 #[test]
@@ -36,7 +43,10 @@ fn pillow_upscale_is_byte_exact() -> TestResult {
     let want = load_rgb(&fixture("sam_resized_768x1024.png"))?;
     assert_eq!((want.height, want.width), (768, 1024));
     let diff = ours.iter().zip(&want.data).filter(|(a, b)| a != b).count();
-    println!("pillow resize 300x400 -> 768x1024: {diff} of {} bytes differ", ours.len());
+    println!(
+        "pillow resize 300x400 -> 768x1024: {diff} of {} bytes differ",
+        ours.len()
+    );
     assert_eq!(diff, 0);
 
     // The stored stride-8 subsample of the resized uint8 image.
@@ -44,7 +54,11 @@ fn pillow_upscale_is_byte_exact() -> TestResult {
     for (y, row) in sub.iter().enumerate() {
         for (x, px) in row.iter().enumerate() {
             let o = ((y * 8) * nw + x * 8) * 3;
-            assert_eq!(&ours[o..o + 3], px.as_slice(), "pixel ({y}, {x}) of the stride-8 grid");
+            assert_eq!(
+                &ours[o..o + 3],
+                px.as_slice(),
+                "pixel ({y}, {x}) of the stride-8 grid"
+            );
         }
     }
     Ok(())
@@ -57,14 +71,28 @@ fn sam_input_matches_encoder_input() -> TestResult {
     assert_eq!(pre.input.dims(), &[1, 3, 1024, 1024]);
     assert_eq!(pre.original_size, (300, 400));
     assert_eq!(pre.input_size, (768, 1024));
-    let idx = Tensor::from_vec((0..128u32).map(|i| i * 8).collect::<Vec<_>>(), 128, &Device::Cpu)?;
+    let idx = Tensor::from_vec(
+        (0..128u32).map(|i| i * 8).collect::<Vec<_>>(),
+        128,
+        &Device::Cpu,
+    )?;
     let ours = pre.input.index_select(&idx, 2)?.index_select(&idx, 3)?;
     let want = reference("encoder_input_stride8")?;
-    let err = (ours - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let err = (ours - want)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     println!("encoder_input_stride8 max abs error: {err:e}");
     assert!(err <= 1e-5);
     // Rows below the resized image are zero padding.
-    let pad = pre.input.narrow(2, 768, 256)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let pad = pre
+        .input
+        .narrow(2, 768, 256)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     assert_eq!(pad, 0.0);
     Ok(())
 }
@@ -85,7 +113,9 @@ fn pillow_downscale_preserves_mean() -> TestResult {
     }
     // A constant image stays constant under any rescale (coefficients sum to one).
     let flat = vec![77u8; 13 * 17];
-    assert!(resize_pillow_bilinear(&flat, 13, 17, 1, 5, 40).iter().all(|&v| v == 77));
+    assert!(resize_pillow_bilinear(&flat, 13, 17, 1, 5, 40)
+        .iter()
+        .all(|&v| v == 77));
     Ok(())
 }
 
@@ -103,8 +133,16 @@ fn medsam_input_is_square_and_unit_range() -> TestResult {
 
 #[test]
 fn bad_inputs_give_clear_errors() {
-    let err = load_rgb(&fixture("README.md")).err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(err.contains("README.md") && err.contains("not a readable image"), "{err}");
-    let err = sam_preprocess(&[0u8; 10], 2, 2, 64, &Device::Cpu).err().map(|e| e.to_string());
+    let err = load_rgb(&fixture("README.md"))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("README.md") && err.contains("not a readable image"),
+        "{err}"
+    );
+    let err = sam_preprocess(&[0u8; 10], 2, 2, 64, &Device::Cpu)
+        .err()
+        .map(|e| e.to_string());
     assert!(err.unwrap_or_default().contains("2x2x3"));
 }
