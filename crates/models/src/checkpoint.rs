@@ -127,6 +127,46 @@ pub enum Source {
         /// Standard deviation.
         std: f64,
     },
+    /// Fresh parameters drawn from each module's own init hint (constant, normal, uniform,
+    /// Kaiming), seeded per key so a model is the same on every machine and in every build order.
+    Init {
+        /// Seed of the generator.
+        seed: u64,
+    },
+}
+
+/// A 64-bit seed for one key: FNV-style mixing of the key into `seed`.
+fn key_seed(seed: u64, name: &str) -> u64 {
+    let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Values for `init` of `shape`, deterministic in `seed`.
+fn init_tensor(shape: &Shape, init: candle_nn::Init, seed: u64) -> candle_core::Result<Tensor> {
+    use candle_nn::init::NormalOrUniform;
+    let dev = &Device::Cpu;
+    Ok(match init {
+        candle_nn::Init::Const(v) => (Tensor::ones(shape, DType::F32, dev)? * v)?,
+        candle_nn::Init::Randn { mean, stdev } => (random_normal(shape, seed, stdev)? + mean)?,
+        candle_nn::Init::Uniform { lo, up } => random_uniform(shape, seed, lo, up)?,
+        candle_nn::Init::Kaiming {
+            dist,
+            fan,
+            non_linearity,
+        } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape).max(1) as f64).sqrt();
+            match dist {
+                NormalOrUniform::Uniform => {
+                    let bound = 3f64.sqrt() * std;
+                    random_uniform(shape, seed, -bound, bound)?
+                }
+                NormalOrUniform::Normal => random_normal(shape, seed, std)?,
+            }
+        }
+    })
 }
 
 type Predicate = Box<dyn Fn(&str) -> bool + Send + Sync>;
@@ -224,7 +264,7 @@ impl SimpleBackend for WeightsBackend {
         &self,
         s: Shape,
         name: &str,
-        _h: candle_nn::Init,
+        h: candle_nn::Init,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
@@ -248,15 +288,12 @@ impl SimpleBackend for WeightsBackend {
                 t.to_dtype(dtype)?.to_device(dev)?
             }
             Source::Zeros => Tensor::zeros((), dtype, dev)?.broadcast_as(s.clone())?,
-            Source::Random { seed, std } => {
-                let mut h = *seed ^ 0x9e37_79b9_7f4a_7c15;
-                for b in name.bytes() {
-                    h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-                }
-                random_normal(&s, h, *std)?
-                    .to_dtype(dtype)?
-                    .to_device(dev)?
-            }
+            Source::Random { seed, std } => random_normal(&s, key_seed(*seed, name), *std)?
+                .to_dtype(dtype)?
+                .to_device(dev)?,
+            Source::Init { seed } => init_tensor(&s, h, key_seed(*seed, name))?
+                .to_dtype(dtype)?
+                .to_device(dev)?,
         };
         if let Ok(mut used) = self.inner.used.lock() {
             used.insert(name.to_string(), s.dims().to_vec());
@@ -290,18 +327,32 @@ impl SimpleBackend for WeightsBackend {
     }
 }
 
-/// Deterministic N(0, std²) values from a 64-bit seed (SplitMix64 + Box-Muller), so random-weight
-/// models are identical on every machine.
-fn random_normal(shape: &Shape, seed: u64, std: f64) -> candle_core::Result<Tensor> {
-    let n = shape.elem_count();
+/// SplitMix64 uniform draws in [0, 1): tiny, seedable and identical on every platform.
+fn uniform01(seed: u64) -> impl FnMut() -> f64 {
     let mut state = seed;
-    let mut next = || {
+    move || {
         state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = state;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    };
+    }
+}
+
+/// Deterministic U(lo, up) values from a 64-bit seed.
+fn random_uniform(shape: &Shape, seed: u64, lo: f64, up: f64) -> candle_core::Result<Tensor> {
+    let mut next = uniform01(seed);
+    let v: Vec<f32> = (0..shape.elem_count())
+        .map(|_| (lo + (up - lo) * next()) as f32)
+        .collect();
+    Tensor::from_vec(v, shape.clone(), &Device::Cpu)
+}
+
+/// Deterministic N(0, std²) values from a 64-bit seed (SplitMix64 + Box-Muller), so random-weight
+/// models are identical on every machine.
+fn random_normal(shape: &Shape, seed: u64, std: f64) -> candle_core::Result<Tensor> {
+    let n = shape.elem_count();
+    let mut next = uniform01(seed);
     let mut v = Vec::with_capacity(n);
     while v.len() < n {
         let u1 = next().max(1e-300);

@@ -216,6 +216,7 @@ pub const PRESETS: &[&str] = &[
     "sam-vit-h",
     "mobile-sam",
     "medsam",
+    "sam-vit-mini",
     "sam2-hiera-t",
     "sam2-hiera-s",
     "sam2-hiera-b+",
@@ -292,6 +293,21 @@ impl SamConfig {
             "sam-vit-l" => vit(name, Family::Sam, 1024, 24, 16, [5, 11, 17, 23]),
             "sam-vit-h" => vit(name, Family::Sam, 1280, 32, 16, [7, 15, 23, 31]),
             "medsam" => vit(name, Family::MedSam, 768, 12, 12, [2, 5, 8, 11]),
+            // No official weights: a small ViT for random-init training (the demo, tests). A
+            // 512 input keeps a CPU training step cheap (32×32 embedding, 128×128 masks).
+            "sam-vit-mini" => SamConfig {
+                image_size: 512,
+                encoder: EncoderConfig::Vit(VitConfig {
+                    embed_dim: 128,
+                    depth: 4,
+                    num_heads: 4,
+                    global_attn_indexes: vec![1, 3],
+                    window_size: 8,
+                    patch_size: 16,
+                    mlp_ratio: 4.0,
+                }),
+                ..vit(name, Family::Sam, 128, 4, 4, [1, 3, 0, 0])
+            },
             "mobile-sam" => SamConfig {
                 name: name.to_string(),
                 family: Family::MobileSam,

@@ -146,3 +146,21 @@ fn bad_inputs_give_clear_errors() {
         .map(|e| e.to_string());
     assert!(err.unwrap_or_default().contains("2x2x3"));
 }
+
+#[test]
+fn sixteen_bit_grey_is_min_max_scaled_to_rgb() -> TestResult {
+    let (w, h) = (5u32, 3u32);
+    // A scan using a small part of the 16-bit range, as CT/MR exports often do.
+    let px: Vec<u16> = (0..w * h).map(|i| 1000 + 100 * i as u16).collect();
+    let img = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(w, h, px).ok_or("buffer")?;
+    let path = std::env::temp_dir().join(format!("sam2rad_grey16_{}.png", std::process::id()));
+    img.save(&path)?;
+    let rgb = load_rgb(&path);
+    std::fs::remove_file(&path)?;
+    let rgb = rgb?;
+    assert_eq!((rgb.height, rgb.width), (3, 5));
+    assert_eq!(&rgb.data[..3], &[0, 0, 0]);
+    assert_eq!(&rgb.data[rgb.data.len() - 3..], &[255, 255, 255]);
+    assert!(rgb.data.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
+    Ok(())
+}

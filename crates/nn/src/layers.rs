@@ -17,7 +17,7 @@ impl LayerNorm {
     /// Loads `weight` and `bias` of length `dim`.
     pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
+            weight: vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?,
             bias: vb.get(dim, "bias")?,
             eps,
         })
@@ -42,7 +42,7 @@ impl LayerNorm2d {
     /// Loads `weight` and `bias` of length `channels`.
     pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            weight: vb.get(channels, "weight")?,
+            weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
             bias: vb.get(channels, "bias")?,
             eps,
         })

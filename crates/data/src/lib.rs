@@ -1,0 +1,1 @@
+//! sam2rad-data: ultrasound phantoms, data set layouts and augmentation.
