@@ -1,1 +1,16 @@
 //! sam2rad-core: the Sam2Rad prompt predictor, model assembly, losses, training, metrics and inference.
+
+pub mod conv;
+pub mod features;
+pub mod loss;
+pub mod metrics;
+pub mod model;
+pub mod ppn;
+
+pub use features::{extract, Features, Rows};
+pub use loss::{bbox_of_mask, sam2rad_loss, LossConfig, LossParts};
+pub use model::{
+    trainable_decoder_key, DecoderMode, RowPrompts, Sam2Rad, Sam2RadConfig, Sam2RadOutput,
+    TrainableVars,
+};
+pub use ppn::{Phase, PpnConfig, PpnOutput, PpnVariant, PromptPredictor};

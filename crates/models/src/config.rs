@@ -265,7 +265,7 @@ fn vit(
     dim: usize,
     depth: usize,
     heads: usize,
-    global: [usize; 4],
+    global: &[usize],
 ) -> SamConfig {
     SamConfig {
         name: name.to_string(),
@@ -289,10 +289,10 @@ impl SamConfig {
     /// The official architecture of a preset name (see [`PRESETS`]).
     pub fn preset(name: &str) -> Result<Self, ModelError> {
         Ok(match name {
-            "sam-vit-b" => vit(name, Family::Sam, 768, 12, 12, [2, 5, 8, 11]),
-            "sam-vit-l" => vit(name, Family::Sam, 1024, 24, 16, [5, 11, 17, 23]),
-            "sam-vit-h" => vit(name, Family::Sam, 1280, 32, 16, [7, 15, 23, 31]),
-            "medsam" => vit(name, Family::MedSam, 768, 12, 12, [2, 5, 8, 11]),
+            "sam-vit-b" => vit(name, Family::Sam, 768, 12, 12, &[2, 5, 8, 11]),
+            "sam-vit-l" => vit(name, Family::Sam, 1024, 24, 16, &[5, 11, 17, 23]),
+            "sam-vit-h" => vit(name, Family::Sam, 1280, 32, 16, &[7, 15, 23, 31]),
+            "medsam" => vit(name, Family::MedSam, 768, 12, 12, &[2, 5, 8, 11]),
             // No official weights: a small ViT for random-init training (the demo, tests). A
             // 512 input keeps a CPU training step cheap (32×32 embedding, 128×128 masks).
             "sam-vit-mini" => SamConfig {
@@ -306,7 +306,7 @@ impl SamConfig {
                     patch_size: 16,
                     mlp_ratio: 4.0,
                 }),
-                ..vit(name, Family::Sam, 128, 4, 4, [1, 3, 0, 0])
+                ..vit(name, Family::Sam, 128, 4, 4, &[1, 3])
             },
             "mobile-sam" => SamConfig {
                 name: name.to_string(),
@@ -371,7 +371,9 @@ impl SamConfig {
         if self.image_size == 0 || self.prompt_embed_dim == 0 {
             return Err("image_size and prompt_embed_dim must be positive".into());
         }
-        if self.decoder.num_heads == 0 || self.prompt_embed_dim % self.decoder.num_heads != 0 {
+        if self.decoder.num_heads == 0
+            || !self.prompt_embed_dim.is_multiple_of(self.decoder.num_heads)
+        {
             return Err(format!(
                 "prompt_embed_dim {} must be divisible by decoder num_heads {}",
                 self.prompt_embed_dim, self.decoder.num_heads
@@ -379,13 +381,13 @@ impl SamConfig {
         }
         match &self.encoder {
             EncoderConfig::Vit(v) => {
-                if v.num_heads == 0 || v.embed_dim % v.num_heads != 0 {
+                if v.num_heads == 0 || !v.embed_dim.is_multiple_of(v.num_heads) {
                     return Err(format!(
                         "encoder embed_dim {} must be divisible by num_heads {}",
                         v.embed_dim, v.num_heads
                     ));
                 }
-                if v.patch_size == 0 || self.image_size % v.patch_size != 0 {
+                if v.patch_size == 0 || !self.image_size.is_multiple_of(v.patch_size) {
                     return Err(format!(
                         "image_size {} must be a multiple of patch_size {}",
                         self.image_size, v.patch_size
@@ -412,7 +414,7 @@ impl SamConfig {
                         "global_att_blocks has {i} but there are {blocks} blocks"
                     ));
                 }
-                if h.num_heads == 0 || h.embed_dim % h.num_heads != 0 {
+                if h.num_heads == 0 || !h.embed_dim.is_multiple_of(h.num_heads) {
                     return Err(format!(
                         "hiera embed_dim {} must be divisible by num_heads {}",
                         h.embed_dim, h.num_heads
@@ -429,7 +431,7 @@ impl SamConfig {
                     return Err("tiny_vit needs 4 entries in embed_dims, depths, num_heads and window_sizes".into());
                 }
                 for i in 1..n {
-                    if t.num_heads[i] == 0 || t.embed_dims[i] % t.num_heads[i] != 0 {
+                    if t.num_heads[i] == 0 || !t.embed_dims[i].is_multiple_of(t.num_heads[i]) {
                         return Err(format!(
                             "tiny_vit stage {i}: embed_dim {} must be divisible by num_heads {}",
                             t.embed_dims[i], t.num_heads[i]

@@ -90,17 +90,21 @@ impl Attention {
         }
         let (nh, n) = (self.num_heads, h * w);
         let hd = c / nh;
-        // [3, heads, B, N, hd], so q, k and v are contiguous [heads·B, N, hd] batches.
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, n, 3, nh, hd))?
-            .permute((2, 3, 0, 1, 4))?
-            .contiguous()?;
         let bs = nh * b;
-        let q = qkv.get(0)?.reshape((bs, n, hd))?;
-        let k = qkv.get(1)?.reshape((bs, n, hd))?;
-        let v = qkv.get(2)?.reshape((bs, n, hd))?;
+        // q, k and v from row slices of the fused qkv weight ([q | k | v], each split into
+        // heads): three [tokens, C] outputs stay small, unlike one [tokens, 3C], and each is
+        // permuted straight into a contiguous [heads·B, N, hd] batch.
+        let (wqkv, bqkv) = (self.qkv.weight(), self.qkv.bias());
+        let project = |i: usize| -> Result<Tensor> {
+            let bias = bqkv.map(|t| t.narrow(0, i * c, c)).transpose()?;
+            Linear::new(wqkv.narrow(0, i * c, c)?, bias)
+                .forward(x)?
+                .reshape((b, n, nh, hd))?
+                .permute((2, 0, 1, 3))?
+                .contiguous()?
+                .reshape((bs, n, hd))
+        };
+        let (q, k, v) = (project(0)?, project(1)?, project(2)?);
         // Decomposed rel-pos terms use the unscaled q, as the official code does.
         // rel_h[b,y,x,ky] = Σc q[b,y,x,c]·Rh[y,ky,c]: one matmul per query row y.
         let qg = q.reshape((bs, h, w, hd))?;
@@ -256,6 +260,7 @@ impl CustomOp3 for RelPosSoftmax {
     }
 }
 
+/// The f32 data of a contiguous CPU tensor (fused ops only take contiguous inputs).
 pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
@@ -271,18 +276,28 @@ pub(crate) fn num_threads() -> usize {
     *N.get_or_init(candle_core::utils::get_num_threads)
 }
 
-/// Runs `f(row_index, row)` over the `row_len`-long rows of `out`, split across threads.
+/// Runs `f(row_index, row)` over the `row_len`-long rows of `out`, split across threads (the
+/// calling thread takes the first share).
 pub(crate) fn par_rows(out: &mut [f32], row_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if row_len == 0 || out.is_empty() {
+        return;
+    }
     let rows = out.len() / row_len;
-    let per = rows.div_ceil(num_threads().clamp(1, rows.max(1)));
-    let f = &f;
+    let per = rows.div_ceil(num_threads().clamp(1, rows.max(1))).max(1);
+    let run = |i: usize, chunk: &mut [f32]| {
+        for (j, row) in chunk.chunks_mut(row_len).enumerate() {
+            f(i * per + j, row)
+        }
+    };
+    let run = &run;
     std::thread::scope(|s| {
-        for (i, chunk) in out.chunks_mut(per * row_len).enumerate() {
-            s.spawn(move || {
-                for (j, row) in chunk.chunks_mut(row_len).enumerate() {
-                    f(i * per + j, row)
-                }
-            });
+        let mut chunks = out.chunks_mut(per * row_len).enumerate();
+        let first = chunks.next();
+        for (i, chunk) in chunks {
+            s.spawn(move || run(i, chunk));
+        }
+        if let Some((i, chunk)) = first {
+            run(i, chunk);
         }
     });
 }

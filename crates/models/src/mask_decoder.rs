@@ -88,17 +88,18 @@ pub struct DecoderOutput {
     pub masks_all: Tensor,
     /// IoU predictions of every mask token, [B, num_multimask_outputs+1] (sigmoid for SAM 2).
     pub iou_all: Tensor,
-    /// Transformer output states of all tokens, [B, n, D]: `[obj_score (SAM 2 only), iou,
-    /// mask×K, prompts]`.
+    /// Transformer output states of all tokens, [B, n, D]: `[obj_score (SAM 2, or SAM 1 with an
+    /// attached objectness token), iou, mask×K, prompts]`.
     pub tokens_out: Tensor,
-    /// SAM 2 object-score logits (`pred_obj_score_head` of the first token), [B, 1]; None for SAM 1.
+    /// Object-score logits (`pred_obj_score_head` of the first token), [B, 1]; None for a SAM 1
+    /// decoder without an attached objectness token.
     pub object_score_logits: Option<Tensor>,
     /// SAM 2 stability score of mask token 0, [B] f32 (not differentiable); None for SAM 1 or when
     /// the dynamic multimask choice is off.
     pub singlemask_stability: Option<Tensor>,
 }
 
-/// SAM 2's object-score token and its head.
+/// SAM 2's object-score token and its head (or the one attached to a SAM 1 decoder).
 #[derive(Debug, Clone)]
 struct ObjectScore {
     token: Embedding,
@@ -200,6 +201,38 @@ impl MaskDecoder {
             )?,
             dynamic_multimask: sam2.then(DynamicMultimask::default),
         })
+    }
+
+    /// Attaches LoRA (rank `rank`, scale `alpha/rank`, B = 0) to q and v of every attention of the
+    /// two-way transformer; keys under `vb` mirror the transformer's (`layers.0.self_attn.q.a`, …,
+    /// `final_attn_token_to_image.v.b`).
+    pub fn attach_lora(&mut self, rank: usize, alpha: f64, vb: VarBuilder) -> Result<()> {
+        self.transformer.attach_lora(rank, alpha, vb)
+    }
+
+    /// Gives a SAM 1 decoder an object-score token and a 3-layer MLP head like SAM 2's (keys
+    /// `token.weight` [1, D] and `head.layers.{0,1,2}` under `vb`), so its tokens become
+    /// `[obj, iou, mask×K, prompts]` and it returns object-score logits. Fails on a decoder that
+    /// already has one (SAM 2, or attached before).
+    pub fn attach_objectness(&mut self, vb: VarBuilder) -> Result<()> {
+        if self.obj_score.is_some() {
+            candle_core::bail!(
+                "mask decoder: the {:?} decoder already has an object-score token",
+                self.variant
+            )
+        }
+        let d = self.iou_token.embeddings().dim(1)?;
+        self.obj_score = Some(ObjectScore {
+            token: embedding(1, d, vb.pp("token"))?,
+            head: Mlp::new(d, d, 1, 3, vb.pp("head"))?,
+        });
+        Ok(())
+    }
+
+    /// Whether the decoder has an object-score token (SAM 2, or SAM 1 after
+    /// [`Self::attach_objectness`]).
+    pub fn has_object_score(&self) -> bool {
+        self.obj_score.is_some()
     }
 
     /// The decoder's generation.

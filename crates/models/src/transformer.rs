@@ -49,15 +49,85 @@ impl MlpBlock {
     }
 }
 
+/// The low-rank update of a [`LoraLinear`]: `Δy = scale · x Aᵀ Bᵀ`.
+#[derive(Debug, Clone)]
+struct LoraUpdate {
+    /// Down projection `A` [rank, in].
+    a: Tensor,
+    /// Up projection `B` [out, rank], initialised to zero so an attached update starts as a no-op.
+    b: Tensor,
+    /// `alpha / rank`.
+    scale: f64,
+}
+
+/// A linear layer with an optional LoRA update (`y = W x + b + (alpha/r)·B A x`).
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    base: Linear,
+    lora: Option<LoraUpdate>,
+}
+
+impl LoraLinear {
+    /// Wraps a plain linear layer (no update attached: the forward is exactly the base one).
+    pub fn new(base: Linear) -> Self {
+        Self { base, lora: None }
+    }
+
+    /// The wrapped linear layer.
+    pub fn base(&self) -> &Linear {
+        &self.base
+    }
+
+    /// Whether a LoRA update is attached.
+    pub fn has_lora(&self) -> bool {
+        self.lora.is_some()
+    }
+
+    /// Attaches a rank-`rank` update with keys `a` [rank, in] (Kaiming-uniform init hint) and `b`
+    /// [out, rank] (zero init hint) under `vb`; fails when one is already attached.
+    pub fn attach_lora(&mut self, rank: usize, alpha: f64, vb: VarBuilder) -> Result<()> {
+        if self.lora.is_some() {
+            candle_core::bail!("LoRA is already attached to this layer")
+        }
+        if rank == 0 {
+            candle_core::bail!("LoRA rank must be positive")
+        }
+        let (out, inp) = self.base.weight().dims2()?;
+        let a = vb.get_with_hints((rank, inp), "a", candle_nn::init::DEFAULT_KAIMING_UNIFORM)?;
+        let b = vb.get_with_hints((out, rank), "b", candle_nn::init::ZERO)?;
+        self.lora = Some(LoraUpdate {
+            a,
+            b,
+            scale: alpha / rank as f64,
+        });
+        Ok(())
+    }
+}
+
+impl Module for LoraLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward(x)?;
+        let Some(l) = &self.lora else {
+            return Ok(y);
+        };
+        // Two thin matmuls on the flattened rows (never materialise the dense B·A product).
+        let k = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / k.max(1);
+        let x2 = x.contiguous()?.reshape((rows, k))?;
+        let delta = x2.matmul(&l.a.t()?)?.matmul(&l.b.t()?)?;
+        y.add(&delta.affine(l.scale, 0.0)?.reshape(y.shape())?)
+    }
+}
+
 /// Multi-head attention whose projections may shrink the width by `downsample_rate`.
 #[derive(Debug, Clone)]
 pub struct Attention {
-    /// Query projection (`dim → dim/downsample_rate`); kept separate so LoRA can wrap it.
-    pub q_proj: Linear,
+    /// Query projection (`dim → dim/downsample_rate`), LoRA-capable.
+    pub q_proj: LoraLinear,
     /// Key projection.
     pub k_proj: Linear,
-    /// Value projection; kept separate so LoRA can wrap it.
-    pub v_proj: Linear,
+    /// Value projection, LoRA-capable.
+    pub v_proj: LoraLinear,
     /// Output projection back to `dim`.
     pub out_proj: Linear,
     num_heads: usize,
@@ -82,13 +152,19 @@ impl Attention {
         }
         let internal = dim / downsample_rate;
         Ok(Self {
-            q_proj: linear(dim, internal, vb.pp("q_proj"))?,
+            q_proj: LoraLinear::new(linear(dim, internal, vb.pp("q_proj"))?),
             k_proj: linear(dim, internal, vb.pp("k_proj"))?,
-            v_proj: linear(dim, internal, vb.pp("v_proj"))?,
+            v_proj: LoraLinear::new(linear(dim, internal, vb.pp("v_proj"))?),
             out_proj: linear(internal, dim, vb.pp("out_proj"))?,
             num_heads,
             head_dim: internal / num_heads,
         })
+    }
+
+    /// Attaches LoRA to `q_proj` (keys `q.{a,b}` under `vb`) and `v_proj` (`v.{a,b}`).
+    pub fn attach_lora(&mut self, rank: usize, alpha: f64, vb: VarBuilder) -> Result<()> {
+        self.q_proj.attach_lora(rank, alpha, vb.pp("q"))?;
+        self.v_proj.attach_lora(rank, alpha, vb.pp("v"))
     }
 
     /// [B, N, C] → [B, heads, N, C/heads].
@@ -164,6 +240,20 @@ impl TwoWayAttentionBlock {
         })
     }
 
+    /// Attaches LoRA to q and v of the block's three attentions (`self_attn`,
+    /// `cross_attn_token_to_image`, `cross_attn_image_to_token` under `vb`).
+    pub fn attach_lora(&mut self, rank: usize, alpha: f64, vb: VarBuilder) -> Result<()> {
+        self.self_attn
+            .attach_lora(rank, alpha, vb.pp("self_attn"))?;
+        self.cross_attn_token_to_image.attach_lora(
+            rank,
+            alpha,
+            vb.pp("cross_attn_token_to_image"),
+        )?;
+        self.cross_attn_image_to_token
+            .attach_lora(rank, alpha, vb.pp("cross_attn_image_to_token"))
+    }
+
     /// Updates `(queries [B,Nq,C], keys [B,Nk,C])`; the PEs may have batch 1 (broadcast).
     pub fn forward(
         &self,
@@ -237,6 +327,16 @@ impl TwoWayTransformer {
             )?,
             norm_final_attn: LayerNorm::new(dim, LN_EPS, vb.pp("norm_final_attn"))?,
         })
+    }
+
+    /// Attaches LoRA to q and v of every attention: `layers.{i}.*` (three per block) and
+    /// `final_attn_token_to_image` under `vb` — 7 attentions for the official depth 2.
+    pub fn attach_lora(&mut self, rank: usize, alpha: f64, vb: VarBuilder) -> Result<()> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            layer.attach_lora(rank, alpha, vb.pp(format!("layers.{i}")))?;
+        }
+        self.final_attn_token_to_image
+            .attach_lora(rank, alpha, vb.pp("final_attn_token_to_image"))
     }
 
     /// Runs on `image_embedding` [B,C,H,W], `image_pe` [1 or B,C,H,W] and `point_embedding`
