@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::detmath;
-use crate::phantom::splitmix64;
+use crate::detmath::splitmix64;
 
 /// Probability of each augmentation.
 const P: f64 = 0.5;
@@ -149,7 +149,14 @@ impl AugmentParams {
         if self.translate != (0.0, 0.0) {
             m = then(
                 m,
-                [1.0, 0.0, self.translate.0 * wf, 0.0, 1.0, self.translate.1 * hf],
+                [
+                    1.0,
+                    0.0,
+                    self.translate.0 * wf,
+                    0.0,
+                    1.0,
+                    self.translate.1 * hf,
+                ],
             );
         }
         m

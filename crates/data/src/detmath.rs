@@ -1,13 +1,14 @@
-//! Platform-independent elementary functions built only from IEEE-754 `+ - * /`, so generated
-//! phantoms and augmentation parameters are bit-identical on every machine (the standard
-//! library's `exp`/`ln`/`sin` call the platform's libm, whose last bits may differ).
+//! Platform-independent elementary functions built only from IEEE-754 `+ - * /`, and a 64-bit
+//! integer hash, so generated phantoms and augmentation parameters are bit-identical on every
+//! machine (the standard library's `exp`/`ln`/`sin` call the platform's libm, whose last bits
+//! may differ).
 
 use std::f64::consts::{FRAC_PI_2, LN_2, PI};
 
-/// High part of ln 2 (exactly representable with trailing zeros for the range reduction).
-const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
-/// Low part of ln 2.
-const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+/// High part of ln 2 (trailing mantissa bits zero, so `k * LN2_HI` is exact).
+const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+/// Low part of ln 2 (`ln 2 - LN2_HI`).
+const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
 
 /// `e^x`, accurate to a few ulp; saturates to 0 below -700 and to +inf above 700.
 pub(crate) fn exp(x: f64) -> f64 {
@@ -112,6 +113,14 @@ pub(crate) fn sin(x: f64) -> f64 {
 /// Cosine, via `sin(x + pi/2)`.
 pub(crate) fn cos(x: f64) -> f64 {
     sin(x + FRAC_PI_2)
+}
+
+/// SplitMix64 finaliser: a fixed bijective 64-bit mix.
+pub(crate) fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

@@ -338,11 +338,9 @@ fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
         })?;
         let path = entry.path();
         let hidden = entry.file_name().to_string_lossy().starts_with('.');
-        let is_image = path.extension().is_some_and(|e| {
-            IMAGE_EXTENSIONS
-                .iter()
-                .any(|x| e.eq_ignore_ascii_case(x))
-        });
+        let is_image = path
+            .extension()
+            .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)));
         if !hidden && is_image && path.is_file() {
             files.push(path);
         }
@@ -399,8 +397,10 @@ pub fn subject_of(id: &str) -> String {
 /// file: unreadable image or mask, missing mask, mask size differing from the image size
 /// (both files and sizes), or a label value above `num_classes`.
 pub fn load_sample(sample: &Sample, num_classes: usize) -> Result<LoadedSample> {
-    if num_classes == 0 {
-        return Err(DataError::Config("num_classes must be at least 1".into()));
+    if !(1..=255).contains(&num_classes) {
+        return Err(DataError::Config(format!(
+            "num_classes must be within 1..=255, not {num_classes}"
+        )));
     }
     let image_name = sample.image_path.display().to_string();
     let img = sam2rad_models::preprocess::load_rgb(&sample.image_path).map_err(|e| {

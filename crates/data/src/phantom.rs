@@ -6,7 +6,8 @@
 //! fascia lines, bright speckle clusters, curved bone surfaces with posterior acoustic shadowing,
 //! an optional hypoechoic bursa) that is turned into an image the way a scanner does it: random
 //! scatterers weighted by the map, convolved with a Gaussian point-spread function (fully
-//! developed speckle), envelope, depth attenuation with time-gain compensation, log compression.
+//! developed speckle), envelope averaged over two scatterer draws (compounding), depth
+//! attenuation with time-gain compensation, log compression.
 //! The bone label is the bright cortical echo band under the surface, as in musculoskeletal
 //! ultrasound annotations.
 
@@ -117,7 +118,9 @@ impl PhantomConfig {
         }
         for (i, c) in self.classes.iter().enumerate() {
             if self.classes[..i].contains(c) {
-                return Err(DataError::Config(format!("phantom class `{c}` given twice")));
+                return Err(DataError::Config(format!(
+                    "phantom class `{c}` given twice"
+                )));
             }
         }
         if !(0.0..=1.0).contains(&self.empty_fraction) {
@@ -179,15 +182,21 @@ pub struct PhantomSummary {
 }
 
 /// Writes a Layout A phantom data set under `out_dir` (`Train/{imgs,gts}/case_0000.png`, ...,
-/// `Test/...`, plus `phantom.json` with the settings); every file is written atomically.
+/// `Test/...`, plus `phantom.json` with the settings and label names). Images render in
+/// parallel, each from its own stream, so the output does not depend on the thread count;
+/// every file is written atomically. Refuses folders holding files of another data set.
 pub fn generate(cfg: &PhantomConfig, out_dir: &Path) -> Result<PhantomSummary> {
     cfg.validate()?;
     let mut empty = 0;
-    for (split, count, offset) in [("Train", cfg.train, 0), ("Test", cfg.test, TEST_INDEX_OFFSET)] {
+    for (split, count, offset) in [
+        ("Train", cfg.train, 0),
+        ("Test", cfg.test, TEST_INDEX_OFFSET),
+    ] {
         let imgs = out_dir.join(split).join("imgs");
         let gts = out_dir.join(split).join("gts");
         for dir in [&imgs, &gts] {
             std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+            refuse_foreign_files(dir, count)?;
         }
         let empties = (0..count)
             .into_par_iter()
@@ -219,6 +228,31 @@ pub fn generate(cfg: &PhantomConfig, out_dir: &Path) -> Result<PhantomSummary> {
         .map_err(|e| DataError::Config(format!("cannot serialise phantom.json: {e}")))?;
     write_atomic(&out_dir.join("phantom.json"), text.as_bytes())?;
     Ok(summary)
+}
+
+/// Errors if `dir` holds visible files other than `case_0000.png .. case_{count-1}.png`, so a
+/// rerun may overwrite its own output but never mixes with another data set.
+fn refuse_foreign_files(dir: &Path, count: usize) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name
+            .strip_prefix("case_")
+            .and_then(|r| r.strip_suffix(".png"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|i| i < count && name == format!("case_{i:04}.png"));
+        if !ours && !name.starts_with('.') {
+            return Err(DataError::Layout {
+                path: dir.display().to_string(),
+                reason: format!(
+                    "already holds `{name}`, which this phantom run would not write; \
+                     use an empty output folder"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Wraps an I/O error with its path.
@@ -258,19 +292,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Whether image `index` of a data set with this seed has no bone: a Weyl sequence keeps the
 /// empty share within one image of `empty_fraction` for any number of images.
 fn is_empty_image(seed: u64, index: u64, empty_fraction: f64) -> bool {
-    let offset = splitmix64(seed ^ 0x5eed_0f_e3b7_u64);
+    let offset = detmath::splitmix64(seed ^ 0x5eed_0fe3_b7a5_1c2d);
     let u = index
         .wrapping_mul(0x9e37_79b9_7f4a_7c15)
         .wrapping_add(offset);
     ((u >> 11) as f64 / (1u64 << 53) as f64) < empty_fraction
-}
-
-/// SplitMix64 finaliser: a fixed bijective 64-bit mix.
-pub(crate) fn splitmix64(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
 }
 
 /// Renders image `index` of the data set with master `seed` (pure and deterministic).
@@ -290,6 +316,9 @@ pub fn render(seed: u64, index: u64, cfg: &PhantomConfig) -> PhantomImage {
     let scene = Scene::sample(&mut rng, width, height, empty, cfg);
     scene.rasterise(&mut rng)
 }
+
+/// Independent speckle draws averaged per image (spatial compounding).
+const LOOKS: usize = 2;
 
 /// Number of entries of the sine lookup table used for textures.
 const SIN_LUT: usize = 4096;
@@ -522,7 +551,8 @@ impl Scene {
             let amp = (0..width)
                 .map(|x| {
                     let xf = x as f64 + 0.5;
-                    let ends = smoothstep((xf - a) / (20.0 * s)) * smoothstep((b - xf) / (20.0 * s));
+                    let ends =
+                        smoothstep((xf - a) / (20.0 * s)) * smoothstep((b - xf) / (20.0 * s));
                     peak * frag[x].clamp(0.15, 1.0) * ends
                 })
                 .collect();
@@ -646,7 +676,8 @@ impl Scene {
                         depth,
                         phase,
                     } => {
-                        let t = (x as f64 * kx + yf * ky + phase).rem_euclid(1.0);
+                        let v = x as f64 * kx + yf * ky + phase;
+                        let t = v - floor_fast(v);
                         let idx = ((t * SIN_LUT as f64) as usize).min(SIN_LUT - 1);
                         l.level * (1.0 - depth + 4.0 * depth * lut[idx] as f64)
                     }
@@ -790,34 +821,46 @@ impl Scene {
         let noise = self.noise as f32;
         let mut re = vec![0f32; w * h];
         let mut im = vec![0f32; w * h];
+        let mut envelope = vec![0f32; w * h];
         const SCALE: f32 = 1.0 / (1u64 << 31) as f32;
-        for i in 0..w * h {
-            let bits = rng.next_u64();
-            let u1 = (bits as u32 as i32) as f32 * SCALE;
-            let u2 = ((bits >> 32) as u32 as i32) as f32 * SCALE;
-            let a = (inc[i] + noise) * norm;
-            re[i] = a * u1 + coh[i];
-            im[i] = a * u2;
+        // Compounding: the mean envelope of independent scatterer draws (fewer deep nulls).
+        for _ in 0..LOOKS {
+            for i in 0..w * h {
+                let bits = rng.next_u64();
+                let u1 = (bits as u32 as i32) as f32 * SCALE;
+                let u2 = ((bits >> 32) as u32 as i32) as f32 * SCALE;
+                let a = (inc[i] + noise) * norm;
+                re[i] = a * u1 + coh[i];
+                im[i] = a * u2;
+            }
+            let cre = convolve_separable(&re, w, h, &kl, &ka);
+            let cim = convolve_separable(&im, w, h, &kl, &ka);
+            for ((e, &a), &b) in envelope.iter_mut().zip(&cre).zip(&cim) {
+                *e += (a * a + b * b).sqrt() / LOOKS as f32;
+            }
         }
-        let re = convolve_separable(&re, w, h, &kl, &ka);
-        let im = convolve_separable(&im, w, h, &kl, &ka);
         let db_per_neper = 20.0 / std::f64::consts::LN_10;
-        let row_db: Vec<f64> = (0..h)
-            .map(|y| -db_per_neper * self.net_attenuation * (y as f64 + 0.5) / h as f64)
-            .collect();
         let scale = 255.0 / self.range_db;
         let mut out = vec![0u8; w * h];
-        for y in 0..h {
-            for x in 0..w {
-                let i = y * w + x;
-                let p = re[i] as f64 * re[i] as f64 + im[i] as f64 * im[i] as f64;
-                // 10 log10(power) = 20 log10(envelope).
-                let db = 0.5 * db_per_neper * detmath::ln_fast(p.max(1e-12)) + row_db[y];
-                let g = ((db - self.floor_db) * scale).round().clamp(0.0, 255.0);
-                out[i] = g as u8;
+        for (y, (row, env_row)) in out.chunks_mut(w).zip(envelope.chunks(w)).enumerate() {
+            let row_db = -db_per_neper * self.net_attenuation * (y as f64 + 0.5) / h as f64;
+            for (o, &env) in row.iter_mut().zip(env_row) {
+                let db = db_per_neper * detmath::ln_fast((env as f64).max(1e-6)) + row_db;
+                // Round half up; the cast truncates the non-negative clamped value.
+                *o = ((db - self.floor_db) * scale + 0.5).clamp(0.0, 255.0) as u8;
             }
         }
         out
+    }
+}
+
+/// `floor(v)` for |v| < 2^62 without a libm call (the cast truncates toward zero).
+fn floor_fast(v: f64) -> f64 {
+    let t = v as i64 as f64;
+    if t > v {
+        t - 1.0
+    } else {
+        t
     }
 }
 
@@ -895,6 +938,18 @@ impl Bone {
                 depth + sag * u * u + tilt * dx + wobble[x]
             })
             .collect();
+        // Ends inside the image curl down (rounded bone ends).
+        for (end, inside) in [(lo, lo > 0.0), (hi, hi < w)] {
+            if !inside {
+                continue;
+            }
+            let len = uni(rng, 15.0, 40.0) * s;
+            let drop = len * uni(rng, 0.4, 1.2);
+            for (x, y) in (x0..x1).zip(surface.iter_mut()) {
+                let d = ((x as f64 + 0.5 - end).abs() / len).min(1.0);
+                *y += drop * (1.0 - d) * (1.0 - d);
+            }
+        }
         fit_into(&mut surface, depth, 0.15 * h, h - 0.1 * h - thickness);
         let ramp = uni(rng, 6.0, 20.0) * s;
         let taper = (x0..x1)
@@ -923,7 +978,9 @@ fn fit_into(curve: &mut [f64], centre: f64, top: f64, bottom: f64) {
     let hi = curve.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if hi > lo && hi - lo > bottom - top {
         let k = (bottom - top) / (hi - lo);
-        curve.iter_mut().for_each(|y| *y = centre + k * (*y - centre));
+        curve
+            .iter_mut()
+            .for_each(|y| *y = centre + k * (*y - centre));
     }
     let lo = curve.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = curve.iter().copied().fold(f64::NEG_INFINITY, f64::max);

@@ -100,26 +100,6 @@ impl HieraSchedule {
     }
 }
 
-/// Softmax over the last dim: candle's fused, multi-threaded kernel when nothing tracks a
-/// gradient (frozen inference), else the op layer's differentiable composite.
-fn softmax(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        ops::softmax_last_dim(x)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
-}
-
-/// Exact-erf GELU: candle's single-pass kernel when nothing tracks a gradient, else the op
-/// layer's composite (whose backward is checked against finite differences).
-fn gelu(x: &Tensor) -> Result<Tensor> {
-    if x.track_op() {
-        ops::gelu(x)
-    } else {
-        x.gelu_erf()
-    }
-}
-
 /// PyTorch's cubic-convolution interpolation matrix (out × in) for `align_corners=False`,
 /// A = −0.75, with f32 coordinates and border-clamped taps as in `upsample_bicubic2d` on CPU.
 fn cubic_weights(in_size: usize, out_size: usize) -> Vec<f32> {
@@ -234,11 +214,11 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let kt = k.t()?;
     let rows = (ATTN_CHUNK / (b * heads * k.dim(2)?).max(1)).max(1);
     if rows >= nq {
-        return softmax(&q.matmul(&kt)?)?.matmul(v);
+        return ops::softmax_last_dim(&q.matmul(&kt)?)?.matmul(v);
     }
     let chunks = (0..nq)
         .step_by(rows)
-        .map(|start| softmax(&q.narrow(2, start, rows.min(nq - start))?.matmul(&kt)?)?.matmul(v))
+        .map(|start| ops::softmax_last_dim(&q.narrow(2, start, rows.min(nq - start))?.matmul(&kt)?)?.matmul(v))
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&chunks, 2)
 }
@@ -306,7 +286,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&gelu(&self.fc1.forward(x)?)?)
+        self.fc2.forward(&ops::gelu(&self.fc1.forward(x)?)?)
     }
 }
 

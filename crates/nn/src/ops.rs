@@ -3,7 +3,12 @@
 use candle_core::{bail, Result, Tensor, D};
 
 /// Softmax over the last dimension (max-shifted for stability; the shift carries no gradient).
+/// When nothing tracks a gradient (frozen inference) candle's fused kernel is used: same maths,
+/// one pass, multi-threaded.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
@@ -29,8 +34,13 @@ pub fn layer_norm2d(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tens
         .broadcast_add(&b.reshape((1, c, 1, 1))?)
 }
 
-/// Exact (erf) GELU, `x·½·(1+erf(x/√2))`, as PyTorch's `nn.GELU()` default.
+/// Exact (erf) GELU, `x·½·(1+erf(x/√2))`, as PyTorch's `nn.GELU()` default. Without gradient
+/// tracking candle's single-pass kernel computes the same formula; with it, the composite below
+/// keeps an exact backward (candle's own GELU backward uses a rounded 1/√(2π)).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.gelu_erf();
+    }
     let e = x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.)?.erf()?;
     (x * 0.5)?.mul(&(e + 1.)?)
 }
