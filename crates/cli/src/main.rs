@@ -3,6 +3,7 @@
 mod cmd_bench;
 mod cmd_embed;
 mod cmd_inspect;
+mod cmd_phantom;
 mod cmd_segment;
 mod model_args;
 mod output;
@@ -34,6 +35,8 @@ enum Command {
     Segment(cmd_segment::Args),
     /// Time the image encoder and the prompt encoder + mask decoder.
     Bench(cmd_bench::Args),
+    /// Generate ultrasound phantoms with label masks (Layout A: Train/ and Test/ imgs + gts).
+    Phantom(cmd_phantom::Args),
 }
 
 fn main() {
@@ -54,6 +57,7 @@ fn main() {
         Command::Embed(a) => cmd_embed::run(a),
         Command::Segment(a) => cmd_segment::run(a),
         Command::Bench(a) => cmd_bench::run(a),
+        Command::Phantom(a) => cmd_phantom::run(a),
     };
     if let Err(e) = result {
         // One line: the chain of causes joined by ": ".

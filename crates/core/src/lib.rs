@@ -1,5 +1,6 @@
 //! sam2rad-core: the Sam2Rad prompt predictor, model assembly, losses, training, metrics and inference.
 
+pub mod cache;
 pub mod conv;
 pub mod features;
 pub mod loss;

@@ -341,7 +341,11 @@ pub fn sine_pe_1d(n: usize, d: usize, device: &Device) -> Result<Tensor> {
         for c in 0..d {
             let freq = PE_TEMPERATURE.powf((2 * (c / 2)) as f64 / d as f64);
             let a = i as f64 / freq;
-            v.push(if c.is_multiple_of(2) { a.sin() } else { a.cos() } as f32);
+            v.push(if c.is_multiple_of(2) {
+                a.sin()
+            } else {
+                a.cos()
+            } as f32);
         }
     }
     Tensor::from_vec(v, (1, n, d), device)
@@ -357,7 +361,11 @@ pub fn sine_pe_2d(h: usize, w: usize, d: usize, device: &Device) -> Result<Tenso
     let code = |pos: usize, size: usize, c: usize| -> f32 {
         let e = (pos + 1) as f64 / (size as f64 + PE_EPS) * scale;
         let a = e / PE_TEMPERATURE.powf((2 * (c / 2)) as f64 / npf as f64);
-        (if c.is_multiple_of(2) { a.sin() } else { a.cos() }) as f32
+        (if c.is_multiple_of(2) {
+            a.sin()
+        } else {
+            a.cos()
+        }) as f32
     };
     let mut v = Vec::with_capacity(h * w * d);
     for y in 0..h {

@@ -90,7 +90,11 @@ fn sine_codes_follow_their_formulas() -> Res<()> {
     for (i, row) in q.iter().enumerate() {
         for (c, &v) in row.iter().enumerate() {
             let a = i as f64 / 10000f64.powf((2 * (c / 2)) as f64 / d as f64);
-            let want = if c.is_multiple_of(2) { a.sin() } else { a.cos() };
+            let want = if c.is_multiple_of(2) {
+                a.sin()
+            } else {
+                a.cos()
+            };
             assert!((v as f64 - want).abs() < 1e-6, "1-D code ({i}, {c})");
         }
     }

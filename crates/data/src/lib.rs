@@ -2,6 +2,7 @@
 
 pub mod augment;
 mod detmath;
+pub mod fsutil;
 pub mod layout;
 mod mask;
 pub mod phantom;

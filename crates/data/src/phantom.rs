@@ -281,12 +281,9 @@ fn write_grey_png(path: &Path, pixels: &[u8], width: usize, height: usize) -> Re
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to a temporary sibling of `path`, then renames it over `path`.
+/// Writes `bytes` atomically, naming `path` in any error.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{}.tmp", name.unwrap_or_default()));
-    std::fs::write(&tmp, bytes).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    crate::fsutil::write_bytes_atomic(path, bytes).map_err(|e| io_err(path, e))
 }
 
 /// Whether image `index` of a data set with this seed has no bone: a Weyl sequence keeps the

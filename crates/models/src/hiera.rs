@@ -218,7 +218,10 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
     let chunks = (0..nq)
         .step_by(rows)
-        .map(|start| ops::softmax_last_dim(&q.narrow(2, start, rows.min(nq - start))?.matmul(&kt)?)?.matmul(v))
+        .map(|start| {
+            ops::softmax_last_dim(&q.narrow(2, start, rows.min(nq - start))?.matmul(&kt)?)?
+                .matmul(v)
+        })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&chunks, 2)
 }
