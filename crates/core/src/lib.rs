@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod conv;
 pub mod features;
+pub mod input;
 pub mod loss;
 pub mod metrics;
 pub mod model;
