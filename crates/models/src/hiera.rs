@@ -100,6 +100,12 @@ impl HieraSchedule {
     }
 }
 
+/// Init of the positional embeddings for random-init models (official: zeros + trunc-normal 0.02).
+const POS_INIT: candle_nn::Init = candle_nn::Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
+
 /// PyTorch's cubic-convolution interpolation matrix (out × in) for `align_corners=False`,
 /// A = −0.75, with f32 coordinates and border-clamped taps as in `upsample_bicubic2d` on CPU.
 fn cubic_weights(in_size: usize, out_size: usize) -> Vec<f32> {
@@ -383,9 +389,9 @@ impl Hiera {
         };
         let patch_embed = conv2d(3, c, 7, conv_cfg, vb.pp("patch_embed").pp("proj"))?;
         let [bh, bw] = cfg.window_pos_embed_bkg_spatial_size;
-        let pos_embed = vb.get((1, c, bh, bw), "pos_embed")?;
+        let pos_embed = vb.get_with_hints((1, c, bh, bw), "pos_embed", POS_INIT)?;
         let ws = cfg.window_spec[0];
-        let pos_embed_window = vb.get((1, c, ws, ws), "pos_embed_window")?;
+        let pos_embed_window = vb.get_with_hints((1, c, ws, ws), "pos_embed_window", POS_INIT)?;
         let blocks = schedule
             .blocks
             .iter()

@@ -53,9 +53,14 @@ impl PromptEncoder {
             embed_dim,
             image_embedding_size,
             input_image_size,
-            pe_gaussian: vb.get(
+            // Official init: scale (1.0) × randn; only matters for random-init models.
+            pe_gaussian: vb.get_with_hints(
                 (2, embed_dim / 2),
                 "pe_layer.positional_encoding_gaussian_matrix",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 1.0,
+                },
             )?,
             point_embeddings,
             not_a_point_embed: embedding(1, embed_dim, vb.pp("not_a_point_embed"))?,

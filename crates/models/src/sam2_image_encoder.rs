@@ -75,7 +75,14 @@ impl Sam2ImageEncoder {
             neck,
             conv_s0: conv2d(d, d / 8, 1, one, dec.pp("conv_s0"))?,
             conv_s1: conv2d(d, d / 4, 1, one, dec.pp("conv_s1"))?,
-            no_mem_embed: vb.get((1, 1, d), "no_mem_embed")?,
+            no_mem_embed: vb.get_with_hints(
+                (1, 1, d),
+                "no_mem_embed",
+                candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
             image_size: cfg.image_size,
         })
     }

@@ -41,11 +41,15 @@ impl ConvBn {
     ) -> Result<Self> {
         let bn = vb.pp("bn");
         Ok(Self {
-            weight: vb.get((cout, cin / groups, k, k), "c.weight")?,
-            gamma: bn.get(cout, "weight")?,
+            weight: vb.get_with_hints(
+                (cout, cin / groups, k, k),
+                "c.weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?,
+            gamma: bn.get_with_hints(cout, "weight", candle_nn::init::ONE)?,
             beta: bn.get(cout, "bias")?,
             mean: bn.get(cout, "running_mean")?,
-            var: bn.get(cout, "running_var")?,
+            var: bn.get_with_hints(cout, "running_var", candle_nn::init::ONE)?,
             cfg: Conv2dConfig {
                 padding: pad,
                 stride,

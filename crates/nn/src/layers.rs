@@ -55,6 +55,15 @@ impl Module for LayerNorm2d {
     }
 }
 
+/// U(−1/√fan_in, 1/√fan_in), PyTorch's default init for (transposed) convolutions.
+fn uniform(fan_in: usize) -> candle_nn::Init {
+    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+    candle_nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
 /// `ConvTranspose2d(kernel 2, stride 2)` written as one matmul plus a pixel shuffle: exact, fast on
 /// CPU and differentiable (keys `weight` [in, out, 2, 2] and `bias` [out], PyTorch layout).
 #[derive(Debug, Clone)]
@@ -68,8 +77,9 @@ impl ConvTranspose2x2 {
     /// Loads a `ConvTranspose2d(inp, out, kernel_size=2, stride=2)`.
     pub fn new(inp: usize, out: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            weight: vb.get((inp, out, 2, 2), "weight")?,
-            bias: vb.get(out, "bias")?,
+            // PyTorch's default for ConvTranspose2d: U(±1/√fan_in), fan_in = out·k² here.
+            weight: vb.get_with_hints((inp, out, 2, 2), "weight", uniform(out * 4))?,
+            bias: vb.get_with_hints(out, "bias", uniform(out * 4))?,
             out,
         })
     }
