@@ -2,12 +2,17 @@
 
 pub mod cache;
 pub mod conv;
+pub mod eval;
 pub mod features;
+pub mod infer;
 pub mod input;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod ppn;
+pub mod run;
+pub mod train;
 
 pub use features::{extract, Features, Rows};
 pub use loss::{bbox_of_mask, sam2rad_loss, LossConfig, LossParts};
