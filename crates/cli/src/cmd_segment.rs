@@ -17,9 +17,12 @@ use crate::output::{overlay, save_png, save_tensors};
 /// A click in original-image pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Point {
-    x: f32,
-    y: f32,
-    label: i64,
+    /// Column in original pixels.
+    pub x: f32,
+    /// Row in original pixels.
+    pub y: f32,
+    /// 1 positive, 0 negative.
+    pub label: i64,
 }
 
 fn parse_numbers<const N: usize>(s: &str, what: &str) -> Result<[f32; N], String> {
@@ -126,7 +129,9 @@ pub fn preprocess(
     })
 }
 
-fn read_mask_input(
+/// Reads a mask prompt: safetensors low-resolution logits, or a mask image of the original size
+/// mapped into the padded input frame of `pre` (object → +8, background → −8).
+pub fn read_mask_input(
     path: &Path,
     pre: &Preprocessed,
     image_size: usize,

@@ -122,7 +122,7 @@ struct Extremes {
 impl Extremes {
     fn offer(&mut self, dice: Option<f64>, sample: usize, class: usize, pred: &[bool]) {
         let Some(dice) = dice else { return };
-        let mut keep = |list: &mut Vec<Candidate>, before: &dyn Fn(f64, f64) -> bool| {
+        let keep = |list: &mut Vec<Candidate>, before: &dyn Fn(f64, f64) -> bool| {
             if list.len() == self.k && list.last().is_none_or(|l| !before(dice, l.dice)) {
                 return;
             }
@@ -222,11 +222,7 @@ pub fn evaluate(target: Target, dataset: &Dataset, opts: &EvalOptions) -> Result
         .iter()
         .enumerate()
         .map(|(c, m)| ClassResult {
-            name: dataset
-                .class_names
-                .as_ref()
-                .and_then(|n| n.get(c))
-                .cloned(),
+            name: dataset.class_names.as_ref().and_then(|n| n.get(c)).cloned(),
             not_prompted: not_prompted[c],
             summary: summarise(c + 1, m),
         })
@@ -242,7 +238,11 @@ pub fn evaluate(target: Target, dataset: &Dataset, opts: &EvalOptions) -> Result
         for (rank, cand) in list.iter().enumerate() {
             let sample = &dataset.samples[cand.sample];
             let s = load(sample, classes, target)?;
-            let gt: Vec<bool> = s.mask.iter().map(|&l| l as usize == cand.class + 1).collect();
+            let gt: Vec<bool> = s
+                .mask
+                .iter()
+                .map(|&l| l as usize == cand.class + 1)
+                .collect();
             let img = side_by_side(&s.rgb, &gt, &cand.pred, s.h, s.w, cand.class + 1);
             let path = out.join("overlays").join(format!(
                 "{kind}{}_{}_class{}.png",
@@ -275,7 +275,11 @@ pub fn evaluate(target: Target, dataset: &Dataset, opts: &EvalOptions) -> Result
 }
 
 /// Loads a sample, hinting at `--num-classes` for the zero-shot baseline.
-fn load(sample: &sam2rad_data::layout::Sample, classes: usize, target: Target) -> Result<LoadedSample> {
+fn load(
+    sample: &sam2rad_data::layout::Sample,
+    classes: usize,
+    target: Target,
+) -> Result<LoadedSample> {
     load_sample(sample, classes).map_err(|e| {
         let e = anyhow::Error::new(e);
         match target {
@@ -297,7 +301,12 @@ fn predict_sample(
     let boxes = gt_boxes(&s.mask, s.h, s.w, classes);
     match target {
         Target::Sam2Rad(model) => {
-            let dev = model.base().prompt_encoder().get_dense_pe()?.device().clone();
+            let dev = model
+                .base()
+                .prompt_encoder()
+                .get_dense_pe()?
+                .device()
+                .clone();
             let pre = crate::input::preprocess(&model.config().base, &s.rgb, s.h, s.w, &dev)?;
             let prompts: Vec<UserPrompts> = boxes
                 .iter()
@@ -327,7 +336,8 @@ fn predict_sample(
                         boxes: Some(*b),
                         ..Prompts::default()
                     };
-                    let p = sam.predict(&emb, pre.original_size, pre.input_size, &prompts, false)?;
+                    let p =
+                        sam.predict(&emb, pre.original_size, pre.input_size, &prompts, false)?;
                     let logits: Vec<f32> = p
                         .masks_logits
                         .narrow(1, 0, 1)?
@@ -397,7 +407,8 @@ fn csv_field(s: &str) -> String {
 /// `image,class,dice,iou,hd95,nsd,gt_pixels,pred_pixels,false_positive`; undefined values empty.
 fn per_case_csv(cases: &[CaseResult]) -> String {
     let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
-    let mut out = String::from("image,class,dice,iou,hd95,nsd,gt_pixels,pred_pixels,false_positive\n");
+    let mut out =
+        String::from("image,class,dice,iou,hd95,nsd,gt_pixels,pred_pixels,false_positive\n");
     for c in cases {
         let m = &c.metrics;
         let _ = writeln!(

@@ -161,7 +161,10 @@ pub fn predict_preprocessed(
         Mode::Box | Mode::AutoBox
             if prompts.boxes.is_none() || !prompts.points.is_empty() || prompts.mask.is_some() =>
         {
-            bail!("{} mode takes exactly one box and no other prompt", mode.name())
+            bail!(
+                "{} mode takes exactly one box and no other prompt",
+                mode.name()
+            )
         }
         _ => {}
     }
@@ -179,6 +182,9 @@ pub(crate) fn predict_classes(
 ) -> Result<Prediction> {
     let cfg = model.config();
     let c = cfg.num_classes;
+    if c > u8::MAX as usize {
+        bail!("{c} classes do not fit an 8-bit label map");
+    }
     if per_class.len() != c {
         bail!("{} class prompt sets for {c} classes", per_class.len());
     }
@@ -269,7 +275,10 @@ pub(crate) fn predict_classes(
             }
             boxes[class] = pred_boxes.as_ref().map(|b| {
                 // Normalised xyxy in the padded frame → original pixels.
-                let (sx, sy) = (s as f32 * ow as f32 / iw as f32, s as f32 * oh as f32 / ih as f32);
+                let (sx, sy) = (
+                    s as f32 * ow as f32 / iw as f32,
+                    s as f32 * oh as f32 / ih as f32,
+                );
                 [b[i][0] * sx, b[i][1] * sy, b[i][2] * sx, b[i][3] * sy]
             });
         }
@@ -292,7 +301,12 @@ pub(crate) fn predict_classes(
 
 /// The device of the model's parameters.
 fn model_device(model: &Sam2Rad) -> Result<candle_core::Device> {
-    Ok(model.base().prompt_encoder().get_dense_pe()?.device().clone())
+    Ok(model
+        .base()
+        .prompt_encoder()
+        .get_dense_pe()?
+        .device()
+        .clone())
 }
 
 /// A user mask prompt as `[1, 1, low, low]` f32 logits.

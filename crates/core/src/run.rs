@@ -6,7 +6,8 @@
 //! under `"train"` (`"weights"`: the official checkpoint the run was trained on, or
 //! `"random_init_seed"`: a seeded [`Source::Init`] base for demos and tests). The two keys are
 //! also accepted at the top level. A relative weights path is taken relative to the current
-//! folder, else to the run folder.
+//! folder, else to the run folder. When `"base_weights"."identity"` is present (training
+//! records [`crate::cache::weights_identity`]), the weights file must match it.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -16,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use sam2rad_models::checkpoint::{Checkpoint, Source};
 
+use crate::cache::weights_identity;
 use crate::model::{Sam2Rad, Sam2RadConfig};
 
 /// File name of a run's configuration.
@@ -76,6 +78,8 @@ pub struct RunConfig {
     pub model: Sam2RadConfig,
     /// The base weights.
     pub base: BaseWeights,
+    /// Identity of the weights file the run was trained on, when recorded.
+    pub base_identity: Option<String>,
 }
 
 impl RunConfig {
@@ -124,7 +128,16 @@ impl RunConfig {
                 path.display()
             ),
         };
-        Ok(Self { model, base })
+        let base_identity = json
+            .get("base_weights")
+            .and_then(|b| b.get("identity"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        Ok(Self {
+            model,
+            base,
+            base_identity,
+        })
     }
 }
 
@@ -154,9 +167,13 @@ pub struct Run {
     pub model: Sam2Rad,
 }
 
-/// Loads the run in `dir` with its `which` checkpoint on `device`.
-pub fn load(dir: &Path, which: Which, device: &Device) -> Result<Run> {
-    let config = RunConfig::read(dir)?;
+/// Loads the run in `dir` with its `which` checkpoint on `device`; `weights` replaces the base
+/// weights path of the configuration (e.g. after moving the file; its identity is still checked).
+pub fn load(dir: &Path, which: Which, weights: Option<&Path>, device: &Device) -> Result<Run> {
+    let mut config = RunConfig::read(dir)?;
+    if let Some(w) = weights {
+        config.base = BaseWeights::File(w.to_path_buf());
+    }
     let ckpt_path = dir.join(which.file_name());
     if !ckpt_path.is_file() {
         bail!(
@@ -166,20 +183,29 @@ pub fn load(dir: &Path, which: Which, device: &Device) -> Result<Run> {
     }
     let trained = Arc::new(Checkpoint::load(&ckpt_path)?);
     let base = match &config.base {
-        BaseWeights::File(p) => Source::File(Arc::new(
-            Checkpoint::load(p).context("cannot load the run's base weights")?,
-        )),
+        BaseWeights::File(p) => {
+            let ckpt = Checkpoint::load(p).context("cannot load the run's base weights")?;
+            if let Some(want) = &config.base_identity {
+                if *want != weights_identity(p)? {
+                    bail!(
+                        "base weights {} are not the file run {} was trained on",
+                        p.display(),
+                        dir.display()
+                    );
+                }
+            }
+            Source::File(Arc::new(ckpt))
+        }
         BaseWeights::Init { seed } => Source::Init { seed: *seed },
     };
-    let model = Sam2Rad::new(&config.model, base, Source::File(trained), device).with_context(
-        || {
+    let model =
+        Sam2Rad::new(&config.model, base, Source::File(trained), device).with_context(|| {
             format!(
                 "cannot build the model of {} with {}",
                 dir.join(CONFIG_FILE).display(),
                 ckpt_path.display()
             )
-        },
-    )?;
+        })?;
     Ok(Run {
         dir: dir.to_path_buf(),
         config,

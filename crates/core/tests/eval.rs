@@ -1,0 +1,354 @@
+//! Evaluation on generated phantoms: the report files agree with each other, the metric protocol
+//! on crafted predictions (empty vs empty not scored, prediction on empty = false positive), box
+//! mode skipping empty ground truth, and the zero-shot box baseline on the reduced SAM fixture.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use common::{tiny_sam, Res};
+use sam2rad_core::eval::{evaluate, EvalOptions, EvalReport, Target};
+use sam2rad_core::infer::Mode;
+use sam2rad_core::metrics::SurfaceOptions;
+use sam2rad_core::run::{self, Which};
+use sam2rad_core::{DecoderMode, Sam2Rad, Sam2RadConfig};
+use sam2rad_data::layout::{load_sample, Dataset, LoadedSample};
+use sam2rad_data::phantom::{generate, PhantomClass, PhantomConfig};
+use sam2rad_models::checkpoint::{Checkpoint, Source, WeightsBackend};
+use sam2rad_models::config::SamConfig;
+use sam2rad_models::sam::AnySam;
+
+const DEV: Device = Device::Cpu;
+const SEED: u64 = 3;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A scratch folder unique to this test process.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sam2rad-eval-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Replaces `key` by a tensor of its shape filled with `v`.
+fn fill(t: &mut BTreeMap<String, Tensor>, key: &str, v: f32) -> Res<()> {
+    let old = t
+        .get(key)
+        .ok_or_else(|| format!("no trained tensor `{key}`"))?;
+    let new = Tensor::full(v, old.dims(), &DEV)?;
+    t.insert(key.to_string(), new);
+    Ok(())
+}
+
+/// A run folder (training's format) of a tiny random-init model, objectness always positive;
+/// with `fill_logit = Some(v)` every mask logit is a constant of the sign of `v`.
+fn make_run(dir: &Path, classes: usize, fill_logit: Option<f32>) -> Res<()> {
+    let cfg = Sam2RadConfig {
+        num_tokens: 4,
+        decoder: DecoderMode::Lora,
+        ..Sam2RadConfig::new(tiny_sam(), classes)
+    };
+    let model = Sam2Rad::new(
+        &cfg,
+        Source::Init { seed: SEED },
+        Source::Init { seed: 7 },
+        &DEV,
+    )?;
+    let mut t = model.trained_tensors();
+    fill(&mut t, "objectness.head.layers.2.weight", 0.0)?;
+    fill(&mut t, "objectness.head.layers.2.bias", 5.0)?;
+    if let Some(v) = fill_logit {
+        fill(&mut t, "mask_decoder.output_upscaling.3.weight", 0.0)?;
+        fill(&mut t, "mask_decoder.output_upscaling.3.bias", 1.0)?;
+        fill(
+            &mut t,
+            "mask_decoder.output_hypernetworks_mlps.0.layers.2.weight",
+            0.0,
+        )?;
+        fill(
+            &mut t,
+            "mask_decoder.output_hypernetworks_mlps.0.layers.2.bias",
+            v,
+        )?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let map: std::collections::HashMap<String, Tensor> = t.into_iter().collect();
+    candle_core::safetensors::save(&map, dir.join(run::BEST_FILE))?;
+    let json = serde_json::json!({
+        "model": cfg,
+        "train": {"weights": null, "random_init_seed": SEED},
+    });
+    std::fs::write(dir.join(run::CONFIG_FILE), serde_json::to_string(&json)?)?;
+    Ok(())
+}
+
+/// Small two-class phantoms (bone, bursa); about half of the images are empty.
+fn phantoms(dir: &Path, classes: Vec<PhantomClass>, test: usize) -> Res<Dataset> {
+    let cfg = PhantomConfig {
+        train: 1,
+        test,
+        seed: 11,
+        classes,
+        empty_fraction: 0.4,
+        width_range: (64, 96),
+        height_range: (64, 80),
+    };
+    generate(&cfg, dir)?;
+    Ok(Dataset::open(dir, "Test")?)
+}
+
+fn options(mode: Mode, out: &Path) -> EvalOptions {
+    EvalOptions {
+        mode,
+        num_classes: None,
+        surface: None,
+        model_name: "test".into(),
+        out_dir: out.to_path_buf(),
+        overlays: 3,
+    }
+}
+
+fn samples(ds: &Dataset, classes: usize) -> Res<Vec<LoadedSample>> {
+    Ok(ds
+        .samples
+        .iter()
+        .map(|s| load_sample(s, classes))
+        .collect::<Result<_, _>>()?)
+}
+
+/// Mean of the non-empty values of CSV column `col` over the rows of `class`.
+fn csv_mean(csv: &str, class: usize, col: &str) -> Option<f64> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next()?.split(',').collect();
+    let ci = header.iter().position(|h| *h == col)?;
+    let vals: Vec<f64> = lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f[1] == class.to_string())
+        .filter_map(|f| f[ci].parse::<f64>().ok())
+        .collect();
+    (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64)
+}
+
+/// summary.json, per_case.csv and the overlays agree with each other and with the report.
+fn check_files(report: &EvalReport, out: &Path) -> Res<serde_json::Value> {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json"))?)?;
+    let csv = std::fs::read_to_string(out.join("per_case.csv"))?;
+    let rows = csv.lines().count() - 1;
+    let all = json["results"]["all"].as_array().ok_or("results.all")?;
+    assert_eq!(all.len(), rows);
+    assert_eq!(rows, report.cases.len());
+    for c in &report.classes {
+        let k = c.summary.class;
+        let mean = &json["results"]["mean"][k.to_string()];
+        for (col, key) in [("dice", "dice_mean"), ("iou", "iou_mean")] {
+            let from_csv = csv_mean(&csv, k, col);
+            let from_json = mean[key].as_f64();
+            match (from_csv, from_json) {
+                (Some(a), Some(b)) => assert!((a - b).abs() < 1e-12, "{col} {a} vs {b}"),
+                (None, None) => {}
+                other => panic!("class {k} {col}: {other:?}"),
+            }
+        }
+        let fp_csv = csv
+            .lines()
+            .skip(1)
+            .filter(|l| l.split(',').nth(1) == Some(&k.to_string()) && l.ends_with(",true"))
+            .count();
+        assert_eq!(mean["false_positives"].as_u64(), Some(fp_csv as u64));
+        assert_eq!(
+            mean["false_positives"].as_u64(),
+            Some(c.summary.false_positives as u64)
+        );
+    }
+    assert_eq!(json["mode"], report.mode.as_str());
+    // Overlays: up to three worst and three best, twice the image width.
+    let scored = report
+        .cases
+        .iter()
+        .filter(|c| c.metrics.dice.is_some())
+        .count();
+    assert_eq!(report.overlays.len(), 2 * scored.min(3));
+    for p in &report.overlays {
+        let name = p.file_name().ok_or("name")?.to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("worst") || name.starts_with("best"),
+            "{name}"
+        );
+        assert!(p.is_file(), "{}", p.display());
+    }
+    Ok(json)
+}
+
+#[test]
+fn report_files_are_consistent() -> Res<()> {
+    let base = scratch("consistent");
+    let ds = phantoms(
+        &base.join("data"),
+        vec![PhantomClass::Bone, PhantomClass::Bursa],
+        5,
+    )?;
+    make_run(&base.join("run"), 2, None)?;
+    let run = run::load(&base.join("run"), Which::Best, None, &DEV)?;
+    let out = base.join("out");
+    let mut opts = options(Mode::Auto, &out);
+    opts.surface = Some(SurfaceOptions {
+        spacing: (0.5, 0.25),
+        nsd_tolerance: 1.0,
+    });
+    let report = evaluate(Target::Sam2Rad(&run.model), &ds, &opts)?;
+    assert_eq!(report.num_images, 5);
+    // Auto mode: every (image, class) is a case (scored or a true negative).
+    assert_eq!(report.cases.len(), 10);
+    let json = check_files(&report, &out)?;
+    assert_eq!(json["surface"]["spacing"][1].as_f64(), Some(0.25));
+    for c in &report.cases {
+        let m = &c.metrics;
+        assert_eq!(m.hd95.is_some(), m.gt_pixels > 0 && m.pred_pixels > 0);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
+
+#[test]
+fn protocol_on_crafted_predictions() -> Res<()> {
+    let base = scratch("protocol");
+    let ds = phantoms(
+        &base.join("data"),
+        vec![PhantomClass::Bone, PhantomClass::Bursa],
+        6,
+    )?;
+    let loaded = samples(&ds, 2)?;
+    let count = |s: &LoadedSample, l: u8| s.mask.iter().filter(|&&v| v == l).count();
+    assert!(
+        loaded.iter().any(|s| count(s, 1) == 0) && loaded.iter().any(|s| count(s, 1) > 0),
+        "the phantoms need empty and non-empty bone masks"
+    );
+
+    // Every logit positive for both classes: class 1 wins the tie everywhere, class 2 is empty.
+    make_run(&base.join("everywhere"), 2, Some(1.0))?;
+    let run = run::load(&base.join("everywhere"), Which::Best, None, &DEV)?;
+    let out = base.join("out-everywhere");
+    let report = evaluate(Target::Sam2Rad(&run.model), &ds, &options(Mode::Auto, &out))?;
+    check_files(&report, &out)?;
+    for (s, id) in loaded.iter().zip(&ds.samples) {
+        let hw = s.h * s.w;
+        let case = |class: usize| {
+            report
+                .cases
+                .iter()
+                .find(|c| c.image == id.id && c.class == class)
+                .expect("case")
+                .metrics
+        };
+        let (g1, g2) = (count(s, 1), count(s, 2));
+        let m1 = case(1);
+        assert_eq!(m1.pred_pixels, hw);
+        assert_eq!(m1.false_positive, g1 == 0);
+        let want = 2.0 * g1 as f64 / (g1 + hw) as f64;
+        assert!((m1.dice.ok_or("class 1 scored")? - want).abs() < 1e-12);
+        let m2 = case(2);
+        assert_eq!(m2.pred_pixels, 0);
+        assert!(!m2.false_positive);
+        // Empty ground truth and empty prediction: not scored.
+        assert_eq!(m2.dice, if g2 == 0 { None } else { Some(0.0) });
+    }
+    let fp: usize = loaded.iter().filter(|s| count(s, 1) == 0).count();
+    assert_eq!(report.classes[0].summary.false_positives, fp);
+    assert_eq!(
+        report.classes[1].summary.true_negatives,
+        loaded.iter().filter(|s| count(s, 2) == 0).count()
+    );
+
+    // Every logit negative: nothing predicted, no false positive, empty classes not scored.
+    make_run(&base.join("nowhere"), 2, Some(-1.0))?;
+    let run = run::load(&base.join("nowhere"), Which::Best, None, &DEV)?;
+    let out = base.join("out-nowhere");
+    let report = evaluate(Target::Sam2Rad(&run.model), &ds, &options(Mode::Auto, &out))?;
+    check_files(&report, &out)?;
+    for c in &report.cases {
+        assert_eq!(c.metrics.pred_pixels, 0);
+        assert!(!c.metrics.false_positive);
+        assert_eq!(c.metrics.dice.is_some(), c.metrics.gt_pixels > 0);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
+
+#[test]
+fn box_mode_skips_empty_ground_truth() -> Res<()> {
+    let base = scratch("box");
+    let ds = phantoms(
+        &base.join("data"),
+        vec![PhantomClass::Bone, PhantomClass::Bursa],
+        4,
+    )?;
+    let loaded = samples(&ds, 2)?;
+    make_run(&base.join("run"), 2, None)?;
+    let run = run::load(&base.join("run"), Which::Best, None, &DEV)?;
+    let present = |l: u8| loaded.iter().filter(|s| s.mask.contains(&l)).count();
+    for mode in [Mode::Box, Mode::AutoBox] {
+        let out = base.join(format!("out-{}", mode.name()));
+        let report = evaluate(Target::Sam2Rad(&run.model), &ds, &options(mode, &out))?;
+        check_files(&report, &out)?;
+        for (k, c) in report.classes.iter().enumerate() {
+            let n = present(k as u8 + 1);
+            let (cases, skipped) = if mode == Mode::Box {
+                (n, 4 - n)
+            } else {
+                (4, 0)
+            };
+            assert_eq!(
+                report.cases.iter().filter(|c| c.class == k + 1).count(),
+                cases
+            );
+            assert_eq!(c.not_prompted, skipped, "{mode:?} class {}", k + 1);
+        }
+    }
+    for mode in [Mode::Semi, Mode::Manual] {
+        let e = evaluate(
+            Target::Sam2Rad(&run.model),
+            &ds,
+            &options(mode, &base.join("x")),
+        )
+        .expect_err("not an evaluation mode");
+        assert!(format!("{e}").contains("auto, box or auto+box"), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
+
+#[test]
+fn zero_shot_box_baseline_on_the_reduced_sam() -> Res<()> {
+    let base = scratch("zeroshot");
+    let ds = phantoms(&base.join("data"), vec![PhantomClass::Bone], 3)?;
+    let loaded = samples(&ds, 1)?;
+    let cfg = SamConfig::from_json_file(&root().join("fixtures/configs/sam_vit_reduced.json"))?;
+    let ckpt = Checkpoint::load(&root().join("fixtures/reference/sam_vit_reduced.safetensors"))?;
+    let backend = WeightsBackend::frozen(Arc::new(ckpt));
+    let sam = AnySam::new(&cfg, backend.var_builder(&DEV))?;
+    let out = base.join("out");
+    let report = evaluate(Target::ZeroShot(&sam), &ds, &options(Mode::Box, &out))?;
+    check_files(&report, &out)?;
+    let with_bone = loaded.iter().filter(|s| s.mask.contains(&1)).count();
+    assert!(with_bone > 0, "the phantoms need some bone");
+    assert_eq!(report.cases.len(), with_bone);
+    assert_eq!(report.classes[0].not_prompted, 3 - with_bone);
+    assert_eq!(report.classes[0].summary.false_positives, 0);
+    for c in &report.cases {
+        assert!(c.metrics.gt_pixels > 0);
+        let d = c.metrics.dice.ok_or("scored")?;
+        assert!((0.0..=1.0).contains(&d));
+    }
+    // The baseline has no learned prompts: box mode only.
+    let e = evaluate(Target::ZeroShot(&sam), &ds, &options(Mode::Auto, &out))
+        .expect_err("auto refused");
+    assert!(format!("{e}").contains("box mode only"), "{e}");
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
