@@ -1,10 +1,14 @@
 //! `sam2rad`: Segment-Anything models in one native binary (inspect, embed, segment, bench).
 
 mod cmd_bench;
+mod cmd_demo;
 mod cmd_embed;
+mod cmd_eval;
 mod cmd_inspect;
 mod cmd_phantom;
+mod cmd_predict;
 mod cmd_segment;
+mod cmd_train;
 mod model_args;
 mod output;
 
@@ -27,6 +31,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The whole pipeline on built-in defaults: phantoms, training, evaluation, overlays.
+    Demo(cmd_demo::Args),
     /// Print the family, preset, tensor and parameter count of a weights file.
     Inspect(cmd_inspect::Args),
     /// Run the image encoder and write the embedding the mask decoder receives.
@@ -37,6 +43,12 @@ enum Command {
     Bench(cmd_bench::Args),
     /// Generate ultrasound phantoms with label masks (Layout A: Train/ and Test/ imgs + gts).
     Phantom(cmd_phantom::Args),
+    /// Evaluate a trained run (or the zero-shot box baseline of a base model) on a data set split.
+    Eval(cmd_eval::Args),
+    /// Train a Sam2Rad model (prompt predictor, objectness, decoder adaptation) on a data set.
+    Train(cmd_train::Args),
+    /// Label maps from a trained run: autonomous, semi-autonomous with prompts, or manual.
+    Predict(cmd_predict::Args),
 }
 
 fn main() {
@@ -58,6 +70,10 @@ fn main() {
         Command::Segment(a) => cmd_segment::run(a),
         Command::Bench(a) => cmd_bench::run(a),
         Command::Phantom(a) => cmd_phantom::run(a),
+        Command::Eval(a) => cmd_eval::run(a),
+        Command::Predict(a) => cmd_predict::run(a),
+        Command::Train(a) => cmd_train::run(a),
+        Command::Demo(a) => cmd_demo::run(a),
     };
     if let Err(e) = result {
         // One line: the chain of causes joined by ": ".

@@ -108,10 +108,10 @@ mod purpose {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BaseModel {
-    /// A built-in preset by name (`sam_models::config::PRESETS`).
+    /// A built-in preset by name (`sam2rad_models::config::PRESETS`).
     Preset(String),
     /// An explicit architecture (e.g. from `--model-config`).
-    Config(SamConfig),
+    Config(Box<SamConfig>),
 }
 
 impl BaseModel {
@@ -122,7 +122,7 @@ impl BaseModel {
             BaseModel::Config(cfg) => {
                 cfg.validate()
                     .map_err(|e| anyhow!("base model `{}`: {e}", cfg.name))?;
-                Ok(cfg.clone())
+                Ok((**cfg).clone())
             }
         }
     }
@@ -326,7 +326,10 @@ impl TrainConfig {
             ("warmup_fraction", self.warmup_fraction),
             ("min_lr_ratio", self.min_lr_ratio),
         ] {
-            ensure!((0.0..=1.0).contains(&v), "{name} must be within 0..1, got {v}");
+            ensure!(
+                (0.0..=1.0).contains(&v),
+                "{name} must be within 0..1, got {v}"
+            );
         }
         ensure!(
             (0.0..1.0).contains(&self.val_fraction),
@@ -634,7 +637,6 @@ struct Batch {
 /// Fixed context of a run.
 struct Ctx<'a> {
     cfg: &'a TrainConfig,
-    base: &'a SamConfig,
     dev: Device,
     s: usize,
     schedule: CosineSchedule,
@@ -758,7 +760,6 @@ pub fn train(
     let total_steps = spe * cfg.epochs;
     let ctx = Ctx {
         cfg,
-        base: &base_cfg,
         dev: dev.clone(),
         s,
         schedule: CosineSchedule {
@@ -788,15 +789,28 @@ pub fn train(
         AdamWConfig::default(),
     )?;
 
-    let (first_epoch, mut global_step, mut skipped_total, mut best_epoch, mut best_score, mut history) =
-        match resumed {
-            Some(r) => {
-                opt.load_state(&r.optim)
-                    .with_context(|| format!("{}", run_dir.join(STATE_FILE).display()))?;
-                (r.epoch, r.global_step, r.skipped, r.best_epoch, r.best_score, r.history)
-            }
-            None => (0, 0, 0, 0, None, Vec::new()),
-        };
+    let (
+        first_epoch,
+        mut global_step,
+        mut skipped_total,
+        mut best_epoch,
+        mut best_score,
+        mut history,
+    ) = match resumed {
+        Some(r) => {
+            opt.load_state(&r.optim)
+                .with_context(|| format!("{}", run_dir.join(STATE_FILE).display()))?;
+            (
+                r.epoch,
+                r.global_step,
+                r.skipped,
+                r.best_epoch,
+                r.best_score,
+                r.history,
+            )
+        }
+        None => (0, 0, 0, 0, None, Vec::new()),
+    };
     ensure!(
         first_epoch == 0 || global_step == first_epoch * spe,
         "{} was written with {} steps per epoch, the data now gives {spe}: the data set changed",
@@ -842,7 +856,12 @@ pub fn train(
                             encode(&rgb, d.h, d.w)
                         })?;
                         feats.push(f);
-                        labels.push((view.labels.as_slice(), d.h, d.w, img.input_size));
+                        labels.push(LabelMap {
+                            labels: &view.labels,
+                            h: d.h,
+                            w: d.w,
+                            input_size: img.input_size,
+                        });
                     }
                     make_batch(&ctx, Features::cat(&feats)?, &labels)?
                 }
@@ -868,7 +887,12 @@ pub fn train(
                         .zip(&masks)
                         .map(|(&i, m)| {
                             let img = &train_imgs[i];
-                            (m.as_slice(), img.data.h, img.data.w, img.input_size)
+                            LabelMap {
+                                labels: m,
+                                h: img.data.h,
+                                w: img.data.w,
+                                input_size: img.input_size,
+                            }
                         })
                         .collect();
                     make_batch(&ctx, feats, &labels)?
@@ -1029,7 +1053,8 @@ fn prepare_run_dir(
             !p.exists(),
             "{} already holds a training run ({}); resume it or choose another output folder",
             run_dir.display(),
-            p.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+            p.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
         );
     }
     let text = serde_json::to_string_pretty(run_cfg)?;
@@ -1185,30 +1210,41 @@ fn write_curves(run_dir: &Path, history: &[EpochRecord]) -> Result<()> {
         300,
     );
     let path = run_dir.join(CURVES_FILE);
-    let bytes = plot::png_bytes(&img).with_context(|| format!("cannot encode {}", path.display()))?;
+    let bytes =
+        plot::png_bytes(&img).with_context(|| format!("cannot encode {}", path.display()))?;
     sam2rad_data::fsutil::write_bytes_atomic(&path, &bytes)
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Builds the rows and padded-frame targets of a batch of images with label maps
-/// `(labels, h, w, input_size)`.
-fn make_batch(
-    ctx: &Ctx,
-    feats: Features,
-    labels: &[(&[u8], usize, usize, (usize, usize))],
-) -> Result<Batch> {
+/// A label map at original size and the image's size in the padded frame.
+struct LabelMap<'a> {
+    labels: &'a [u8],
+    h: usize,
+    w: usize,
+    input_size: (usize, usize),
+}
+
+/// Builds the rows and padded-frame targets of a batch of images.
+fn make_batch(ctx: &Ctx, feats: Features, labels: &[LabelMap]) -> Result<Batch> {
     let c = ctx.cfg.classes;
     let mut targets = Vec::with_capacity(labels.len() * c);
-    for &(l, h, w, input_size) in labels {
+    for l in labels {
         for class in 0..c {
-            targets.push(class_target(l, h, w, class as u8 + 1, input_size, ctx.s));
+            targets.push(class_target(
+                l.labels,
+                l.h,
+                l.w,
+                class as u8 + 1,
+                l.input_size,
+                ctx.s,
+            ));
         }
     }
     Ok(Batch {
         feats,
         rows: Rows::all(labels.len(), c),
         targets,
-        input_sizes: labels.iter().map(|l| l.3).collect(),
+        input_sizes: labels.iter().map(|l| l.input_size).collect(),
     })
 }
 
@@ -1274,7 +1310,11 @@ fn train_step(
 }
 
 /// Binary S×S predictions per row: logit > 0 after bilinear upsampling, and objectness ≥ 0.
-fn predicted_masks(mask_logits: &Tensor, object_logits: &Tensor, s: usize) -> Result<Vec<Vec<bool>>> {
+fn predicted_masks(
+    mask_logits: &Tensor,
+    object_logits: &Tensor,
+    s: usize,
+) -> Result<Vec<Vec<bool>>> {
     let up = ops::resize_bilinear(&mask_logits.detach(), s, s)?;
     let v: Vec<f32> = up.flatten_all()?.to_vec1()?;
     let obj: Vec<f32> = object_logits.detach().to_dtype(DType::F32)?.to_vec1()?;
@@ -1359,7 +1399,11 @@ fn mixed_prompts(ctx: &Ctx, model: &Sam2Rad, batch: &Batch, e: u64, g: u64) -> R
             let (x0, y0, x1, y1) = (*x0 as f64, *y0 as f64, *x1 as f64 + 1.0, *y1 as f64 + 1.0);
             let (jx, jy) = ((0.1 * (x1 - x0)).min(cap), (0.1 * (y1 - y0)).min(cap));
             for (c, j) in [(x0, jx), (y0, jy), (x1, jx), (y1, jy)] {
-                let d = if j > 0.0 { rng.random_range(-j..=j) } else { 0.0 };
+                let d = if j > 0.0 {
+                    rng.random_range(-j..=j)
+                } else {
+                    0.0
+                };
                 v.push((c + d).clamp(0.0, s as f64) as f32);
             }
         }
@@ -1377,13 +1421,17 @@ fn mixed_prompts(ctx: &Ctx, model: &Sam2Rad, batch: &Batch, e: u64, g: u64) -> R
             ..RowPrompts::learned()
         },
         MixKind::Clicks => {
-            let out = model.forward(&batch.feats, &batch.rows, &RowPrompts::learned(), Phase::Eval)?;
+            let out = model.forward(
+                &batch.feats,
+                &batch.rows,
+                &RowPrompts::learned(),
+                Phase::Eval,
+            )?;
             let pred = predicted_masks(&out.mask_logits, &out.object_logits, s)?;
             let (mut xy, mut labels) = (Vec::with_capacity(2 * r), Vec::with_capacity(r));
-            for row in 0..r {
+            for (row, p) in pred.iter().enumerate() {
                 let (ih, iw) = batch.input_sizes[batch.rows.image()[row]];
                 let gt: Vec<bool> = batch.targets[row].iter().map(|&v| v > 0.5).collect();
-                let p = &pred[row];
                 let fn_region: Vec<bool> = gt.iter().zip(p).map(|(&g, &q)| g && !q).collect();
                 let fp_region: Vec<bool> = gt.iter().zip(p).map(|(&g, &q)| q && !g).collect();
                 let count = |m: &[bool]| {
@@ -1469,7 +1517,11 @@ fn autonomous_dice(
             for (class, logits) in v.chunks(h * w).enumerate() {
                 let on = obj[bi * c + class] >= 0.0;
                 let pred: Vec<bool> = logits.iter().map(|&x| on && x > 0.0).collect();
-                let gt: Vec<bool> = sample.mask.iter().map(|&l| l as usize == class + 1).collect();
+                let gt: Vec<bool> = sample
+                    .mask
+                    .iter()
+                    .map(|&l| l as usize == class + 1)
+                    .collect();
                 if let Some(d) = score(&pred, &gt, h, w, None).dice {
                     dices.push(d);
                 }
@@ -1483,7 +1535,11 @@ fn autonomous_dice(
 /// class) over the (image, class) pairs of `samples` at original resolution, pairs with empty
 /// ground truth and empty prediction left out (None if no pair is scored). Runs the encoder on
 /// every image, `batch` images at a time.
-pub fn evaluate_dice(model: &Sam2Rad, samples: &[LoadedSample], batch: usize) -> Result<Option<f64>> {
+pub fn evaluate_dice(
+    model: &Sam2Rad,
+    samples: &[LoadedSample],
+    batch: usize,
+) -> Result<Option<f64>> {
     let base = &model.config().base;
     let dev = Device::Cpu;
     let data: Vec<(&LoadedSample, (usize, usize))> = samples
@@ -1512,9 +1568,10 @@ mod tests {
             }
         }
         assert_eq!(deepest_point(&region, s, 12, 12), Some((7, 5)));
-        // The crop edge is a border: a region touching it is deepest one step further in.
+        // The crop edge is a border: in a full 3×5 crop the middle row is deepest (distance 2 at
+        // x = 1, 2, 3); ties go to the first in row-major order.
         let full = vec![true; s * s];
-        assert_eq!(deepest_point(&full, s, 3, 5), Some((2, 1)));
+        assert_eq!(deepest_point(&full, s, 3, 5), Some((1, 1)));
         assert_eq!(deepest_point(&vec![false; s * s], s, 8, 8), None);
     }
 
@@ -1556,7 +1613,10 @@ mod tests {
             ms_per_step: 150.0,
         };
         assert_eq!(EpochRecord::from_row(&r.to_row()), r);
-        assert_eq!(r.csv().split(',').count(), METRICS_HEADER.split(',').count());
+        assert_eq!(
+            r.csv().split(',').count(),
+            METRICS_HEADER.split(',').count()
+        );
     }
 
     #[test]
