@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long, default_value_t = 50)]
     test: usize,
     /// Training epochs.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 16)]
     epochs: usize,
     /// Train on only this many labelled images (few-shot).
     #[arg(long)]

@@ -10,11 +10,26 @@ use sam2rad_core::infer::{overlay_labels, predict_preprocessed, Mode, UserPrompt
 use sam2rad_core::input::preprocess;
 use sam2rad_core::run::{self, Which};
 
-use crate::cmd_segment::{parse_box, parse_point, read_image, read_mask_input, Point};
+use crate::cmd_segment::read_image;
 use crate::output::{save_png, save_tensors};
+use crate::prompt_args::PromptArgs;
 
-/// Options of `sam2rad predict`.
+/// Options of `sam2rad predict`. The prompts apply to every class and every image, hence their
+/// own help texts.
 #[derive(clap::Args, Debug)]
+#[command(
+    mut_arg("points", |a| a.help(
+        "A click `x,y,label` in original pixels (1 positive, 0 negative); repeatable; applies to \
+         every class and every image",
+    )),
+    mut_arg("bbox", |a| a.help(
+        "A box `x0,y0,x1,y1` in original pixels (every class, every image)",
+    )),
+    mut_arg("mask_input", |a| a.help(
+        "Mask prompt replacing the learned dense prompt: safetensors low-resolution logits, or a \
+         mask image of the input's size (non-zero = object)",
+    )),
+)]
 pub struct Args {
     /// Run folder written by `sam2rad train`.
     #[arg(long, value_name = "RUN")]
@@ -25,17 +40,8 @@ pub struct Args {
     /// Output folder: <stem>.png label maps (0 background, 1..C classes).
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// A click `x,y,label` in original pixels (1 positive, 0 negative); repeatable; applies to
-    /// every class and every image.
-    #[arg(long = "point", value_name = "X,Y,LABEL", value_parser = parse_point, allow_hyphen_values = true)]
-    points: Vec<Point>,
-    /// A box `x0,y0,x1,y1` in original pixels (every class, every image).
-    #[arg(long = "box", value_name = "X0,Y0,X1,Y1", value_parser = parse_box)]
-    bbox: Option<[f32; 4]>,
-    /// Mask prompt replacing the learned dense prompt: safetensors low-resolution logits, or a
-    /// mask image of the input's size (non-zero = object).
-    #[arg(long, value_name = "FILE")]
-    mask_input: Option<PathBuf>,
+    #[command(flatten)]
+    prompts: PromptArgs,
     /// Manual mode: the given prompts only, learned prompts off.
     #[arg(long)]
     manual: bool,
@@ -57,7 +63,7 @@ pub struct Args {
 /// Predicts every image and writes its outputs.
 pub fn run(args: Args) -> Result<()> {
     let dev = Device::Cpu;
-    let has_prompt = !args.points.is_empty() || args.bbox.is_some() || args.mask_input.is_some();
+    let has_prompt = !args.prompts.is_empty();
     let mode = match (args.manual, has_prompt) {
         (true, true) => Mode::Manual,
         (true, false) => bail!("--manual needs a prompt: --point, --box or --mask-input"),
@@ -96,14 +102,10 @@ pub fn run(args: Args) -> Result<()> {
         let (h, w) = (img.height, img.width);
         let pre = preprocess(&cfg.base, &img.data, h, w, &dev)
             .with_context(|| format!("cannot preprocess {}", path.display()))?;
-        let mask = match &args.mask_input {
-            Some(m) => Some(read_mask_input(m, &pre, cfg.base.image_size, &dev)?),
-            None => None,
-        };
         let prompts = UserPrompts {
-            points: args.points.iter().map(|p| (p.x, p.y, p.label)).collect(),
-            boxes: args.bbox,
-            mask,
+            points: args.prompts.point_tuples(),
+            boxes: args.prompts.bbox,
+            mask: args.prompts.mask(&pre, cfg.base.image_size, &dev)?,
         };
         let pred = predict_preprocessed(model, &pre, mode, &prompts)
             .with_context(|| format!("cannot predict {}", path.display()))?;

@@ -11,6 +11,7 @@ mod cmd_segment;
 mod cmd_train;
 mod model_args;
 mod output;
+mod prompt_args;
 
 use clap::{Parser, Subcommand};
 

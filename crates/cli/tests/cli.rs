@@ -1,54 +1,12 @@
 //! End-to-end checks of the `sam2rad` binary: parity through the CLI, and clear one-line errors
 //! (never a panic) on bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use candle_core::{Device, Tensor};
+use common::{assert_clean_error, assert_ok, fixture, fixture_path, load, max_abs_diff, sam2rad};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn fixture(name: &str) -> String {
-    root().join("fixtures").join(name).display().to_string()
-}
-
-fn sam2rad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sam2rad"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sam2rad-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
-/// The command failed with exit code 1 and a single-line error that mentions `needle`.
-fn assert_clean_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "one error line expected: {stderr}");
-    assert!(lines[0].contains(needle), "`{needle}` not in: {stderr}");
-}
-
-fn load(path: &Path) -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).expect("safetensors")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("diff")
+fn scratch(name: &str) -> std::path::PathBuf {
+    common::scratch("cli", name)
 }
 
 #[test]
@@ -58,11 +16,7 @@ fn inspect_reports_family_and_parameter_count() {
         "--weights",
         &fixture("reference/sam_vit_reduced.pt"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("SAM ViT"), "{text}");
     // The reduced manifest lists every weight; parameters exclude the PE buffer.
@@ -120,13 +74,11 @@ fn embed_matches_pytorch_image_embeddings() {
         "--out",
         out_path.to_str().expect("utf8"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let ours = load(&out_path);
-    let reference = load(&root().join("fixtures/reference/sam_vit_reduced_outputs.safetensors"));
+    let reference = load(&fixture_path(
+        "reference/sam_vit_reduced_outputs.safetensors",
+    ));
     let err = max_abs_diff(&ours["image_embeddings"], &reference["image_embeddings"]);
     println!("embed max abs error {err:e}");
     assert!(err <= 1e-4, "image_embeddings max abs error {err}");
@@ -155,13 +107,11 @@ fn segment_box_matches_pytorch_and_writes_outputs() {
         "--overlay",
         overlay.to_str().expect("utf8"),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let ours = load(&logits);
-    let reference = load(&root().join("fixtures/reference/sam_vit_reduced_outputs.safetensors"));
+    let reference = load(&fixture_path(
+        "reference/sam_vit_reduced_outputs.safetensors",
+    ));
     let low = max_abs_diff(
         &ours["low_res_logits"],
         &reference["box_single.low_res_logits"],
@@ -201,7 +151,7 @@ fn segment_box_matches_pytorch_and_writes_outputs() {
 fn truncated_checkpoint_is_a_clear_error() {
     let dir = scratch("truncated");
     for name in ["sam_vit_reduced.pt", "sam_vit_reduced.safetensors"] {
-        let bytes = std::fs::read(root().join("fixtures/reference").join(name)).expect("fixture");
+        let bytes = std::fs::read(fixture_path("reference").join(name)).expect("fixture");
         let cut = dir.join(name);
         std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
         let out = sam2rad(&["inspect", "--weights", cut.to_str().expect("utf8")]);

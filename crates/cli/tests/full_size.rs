@@ -4,29 +4,13 @@
 //! `<name>_outputs.safetensors` (same tensor names as the reduced fixtures). Run with
 //! `SAM2RAD_ORACLE_DIR=... cargo test --release -p sam2rad --test full_size -- --ignored --nocapture`.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use candle_core::{Device, Tensor};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
-
-fn load(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).expect("safetensors")
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.max(0))
-        .and_then(|t| t.to_scalar::<f32>())
-        .expect("max")
-}
+use candle_core::Tensor;
+use common::{fixture_path, load, max_abs, sam2rad};
 
 /// Max abs difference divided by max(1, max |reference|).
 fn scaled_err(ours: &Tensor, reference: &Tensor) -> f32 {
@@ -36,10 +20,7 @@ fn scaled_err(ours: &Tensor, reference: &Tensor) -> f32 {
 }
 
 fn run(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sam2rad"))
-        .args(args)
-        .output()
-        .expect("binary runs");
+    let out = sam2rad(args);
     eprint!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "sam2rad {args:?} failed");
 }
@@ -54,7 +35,7 @@ fn check_model(dir: &Path, preset: &str, name: &str, sam2: bool) {
     let reference = load(&dir.join(format!("{name}_outputs.safetensors")));
     let tmp = std::env::temp_dir().join(format!("sam2rad-full-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("tmp");
-    let image = fixture("reference/image_300x400.png");
+    let image = fixture_path("reference/image_300x400.png");
     let image = image.to_str().expect("utf8");
     let (emb_tol, low_tol) = if sam2 { (5e-4, 1e-3) } else { (1e-4, 1e-3) };
 
@@ -90,7 +71,7 @@ fn check_model(dir: &Path, preset: &str, name: &str, sam2: bool) {
         }
     }
 
-    let inputs = load(&fixture("reference/inputs.safetensors"));
+    let inputs = load(&fixture_path("reference/inputs.safetensors"));
     let mask_path = tmp.join("mask_input.safetensors");
     let mut m = HashMap::new();
     m.insert("mask_input".to_string(), inputs["mask_input"].clone());

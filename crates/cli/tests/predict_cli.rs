@@ -1,104 +1,15 @@
 //! `sam2rad predict` end to end with a tiny random-init run: label maps of the input's size,
 //! overlays and logits, prompts changing the output, and one-line errors naming the file.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use candle_core::{Device, Tensor};
-use sam2rad_core::run;
-use sam2rad_core::{DecoderMode, Sam2Rad, Sam2RadConfig};
-use sam2rad_models::checkpoint::Source;
-use sam2rad_models::config::{DecoderConfig, EncoderConfig, Family, SamConfig, VitConfig};
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-fn sam2rad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sam2rad"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
+use candle_core::Tensor;
+use common::{assert_clean_error, assert_ok, load, make_run, max_abs_diff, sam2rad, Res};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sam2rad-predcli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
-/// The command failed with exit code 1 and a single-line error that mentions `needle`.
-fn assert_clean_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "one error line expected: {stderr}");
-    assert!(lines[0].contains(needle), "`{needle}` not in: {stderr}");
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A tiny SAM ViT (width 32, 2 blocks, 256 input).
-fn tiny_sam() -> SamConfig {
-    SamConfig {
-        name: "tiny-sam".into(),
-        family: Family::Sam,
-        encoder: EncoderConfig::Vit(VitConfig {
-            embed_dim: 32,
-            depth: 2,
-            num_heads: 2,
-            global_attn_indexes: vec![1],
-            window_size: 4,
-            patch_size: 16,
-            mlp_ratio: 4.0,
-        }),
-        prompt_embed_dim: 32,
-        image_size: 256,
-        decoder: DecoderConfig {
-            mlp_dim: 64,
-            iou_head_hidden_dim: 32,
-            ..DecoderConfig::default()
-        },
-    }
-}
-
-/// A run folder in training's format: random-init base (seed 3), objectness always positive.
-fn make_run(dir: &Path, classes: usize) -> Res<()> {
-    let dev = Device::Cpu;
-    let cfg = Sam2RadConfig {
-        num_tokens: 4,
-        decoder: DecoderMode::Lora,
-        ..Sam2RadConfig::new(tiny_sam(), classes)
-    };
-    let model = Sam2Rad::new(
-        &cfg,
-        Source::Init { seed: 3 },
-        Source::Init { seed: 7 },
-        &dev,
-    )?;
-    let mut t: std::collections::HashMap<String, Tensor> =
-        model.trained_tensors().into_iter().collect();
-    for (key, v) in [
-        ("objectness.head.layers.2.weight", 0f32),
-        ("objectness.head.layers.2.bias", 5.0),
-    ] {
-        let shape = t.get(key).ok_or(key)?.dims().to_vec();
-        t.insert(key.into(), Tensor::full(v, shape, &dev)?);
-    }
-    std::fs::create_dir_all(dir)?;
-    candle_core::safetensors::save(&t, dir.join(run::BEST_FILE))?;
-    let json = serde_json::json!({
-        "model": cfg,
-        "train": {"weights": null, "random_init_seed": 3},
-    });
-    std::fs::write(dir.join(run::CONFIG_FILE), serde_json::to_string(&json)?)?;
-    Ok(())
+    common::scratch("predcli", name)
 }
 
 /// Writes a grey gradient test image.
@@ -140,24 +51,16 @@ fn predict_writes_label_maps_and_prompts_matter() -> Res<()> {
         assert!(l.pixels().all(|p| p.0[0] <= 2));
         let o = image::open(auto.join(format!("{stem}_overlay.png")))?;
         assert_eq!((o.width(), o.height()), (w, h));
-        let t = candle_core::safetensors::load(
-            auto.join(format!("{stem}_logits.safetensors")),
-            &Device::Cpu,
-        )?;
+        let t = load(&auto.join(format!("{stem}_logits.safetensors")));
         assert_eq!(t["class_logits"].dims(), &[2, h as usize, w as usize]);
         assert_eq!(t["object_logits"].dims(), &[2]);
         assert_eq!(t["boxes"].dims(), &[2, 4]);
     }
 
     // Manual mode with a box, and semi-autonomous mode with it, change the logits.
-    let logits = |dir: &Path| -> Res<Tensor> {
-        let t = candle_core::safetensors::load(dir.join("a_logits.safetensors"), &Device::Cpu)?;
-        Ok(t["class_logits"].clone())
-    };
-    let diff = |x: &Tensor, y: &Tensor| -> Res<f32> {
-        Ok((x - y)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-    };
-    let auto_logits = logits(&auto)?;
+    let logits =
+        |dir: &Path| -> Tensor { load(&dir.join("a_logits.safetensors"))["class_logits"].clone() };
+    let auto_logits = logits(&auto);
     for (name, extra) in [
         ("manual", vec!["--box", "10,10,60,50", "--manual"]),
         ("semi", vec!["--box", "10,10,60,50", "--point", "30,30,1"]),
@@ -176,7 +79,7 @@ fn predict_writes_label_maps_and_prompts_matter() -> Res<()> {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_ok(&sam2rad(&refs));
         assert!(
-            diff(&auto_logits, &logits(&dir)?)? > 1e-3,
+            max_abs_diff(&auto_logits, &logits(&dir)) > 1e-3,
             "{name} equals auto"
         );
         assert_eq!(labels(&dir.join("a.png"))?.dimensions(), (100, 70));

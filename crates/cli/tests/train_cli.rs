@@ -1,12 +1,14 @@
 //! `sam2rad train` through the binary: a run killed with SIGKILL and resumed ends bit-identical
 //! to an uninterrupted one; option errors are single clear lines.
 
-use std::collections::HashMap;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+use common::{assert_clean_error, assert_ok, bin, load, sam2rad};
 use sam2rad_data::phantom::{generate, PhantomConfig};
 
 /// A tiny SAM ViT (width 32, 2 blocks, 256 input) as a `--model-config` file.
@@ -18,10 +20,7 @@ const TINY_SAM: &str = r#"{"name": "tiny-sam", "family": "sam",
               "iou_head_depth": 3, "iou_head_hidden_dim": 32}}"#;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sam2rad-train-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
+    common::scratch("train-cli", name)
 }
 
 /// Small phantoms and the tiny model config under `dir`; returns (data, config) paths.
@@ -44,14 +43,6 @@ fn setup(dir: &Path, train: usize) -> (PathBuf, PathBuf) {
     (data, cfg)
 }
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sam2rad"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("binary runs")
-}
-
 /// Training arguments for the tiny model: 4 epochs of 7 steps (14 train + 2 val images).
 fn train_args<'a>(data: &'a str, cfg: &'a str, out: &'a str) -> Vec<&'a str> {
     vec![
@@ -70,30 +61,6 @@ fn train_args<'a>(data: &'a str, cfg: &'a str, out: &'a str) -> Vec<&'a str> {
         "--views",
         "2",
     ]
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Exit code 1 and a single `error:` line mentioning `needle`, no panic.
-fn assert_clean_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "one error line expected: {stderr}");
-    assert!(lines[0].contains(needle), "`{needle}` not in: {stderr}");
-}
-
-fn load(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).expect("safetensors")
 }
 
 fn bits(t: &Tensor) -> Vec<u32> {
@@ -120,7 +87,7 @@ fn sigkill_then_resume_equals_uninterrupted() {
     let b = dir.join("b").display().to_string();
 
     let t = Instant::now();
-    assert_ok(&run(&train_args(&data, &cfg, &a)));
+    assert_ok(&sam2rad(&train_args(&data, &cfg, &a)));
     let full_secs = t.elapsed().as_secs_f64();
 
     // Start the same run, kill it as soon as epoch 1 is committed.
@@ -145,7 +112,7 @@ fn sigkill_then_resume_equals_uninterrupted() {
     let done = metrics_rows(Path::new(&b));
     assert!((1..4).contains(&done), "{done} epochs recorded at the kill");
 
-    let out = run(&["train", "--out", &b, "--resume"]);
+    let out = sam2rad(&["train", "--out", &b, "--resume"]);
     assert_ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("resuming at epoch"), "{stderr}");
@@ -172,7 +139,7 @@ fn option_errors_are_one_line() {
     let (data, cfg) = (data.display().to_string(), cfg.display().to_string());
     let out_dir = dir.join("run").display().to_string();
 
-    let out = run(&[
+    let out = sam2rad(&[
         "train",
         "--model-config",
         &cfg,
@@ -181,7 +148,7 @@ fn option_errors_are_one_line() {
         &out_dir,
     ]);
     assert_clean_error(&out, "--data");
-    let out = run(&[
+    let out = sam2rad(&[
         "train",
         "--data",
         &data,
@@ -191,9 +158,9 @@ fn option_errors_are_one_line() {
         &out_dir,
     ]);
     assert_clean_error(&out, "--random-init");
-    let out = run(&["train", "--out", &out_dir, "--resume"]);
+    let out = sam2rad(&["train", "--out", &out_dir, "--resume"]);
     assert_clean_error(&out, "config.json");
-    let out = run(&[
+    let out = sam2rad(&[
         "train",
         "--data",
         &data,
@@ -207,10 +174,10 @@ fn option_errors_are_one_line() {
 
     let mut args = train_args(&data, &cfg, &out_dir);
     args[9] = "1"; // one epoch
-    assert_ok(&run(&args));
-    let out = run(&["train", "--out", &out_dir, "--resume", "--epochs", "5"]);
+    assert_ok(&sam2rad(&args));
+    let out = sam2rad(&["train", "--out", &out_dir, "--resume", "--epochs", "5"]);
     assert_clean_error(&out, "--epochs 5 vs 1");
-    let out = run(&args);
+    let out = sam2rad(&args);
     assert_clean_error(&out, "already holds a training run");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,87 +4,29 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
-use common::{tiny_sam, Res};
+use candle_core::Device;
+use common::{make_run, samples, Res};
 use sam2rad_core::eval::{evaluate, EvalOptions, EvalReport, Target};
 use sam2rad_core::infer::Mode;
 use sam2rad_core::metrics::SurfaceOptions;
 use sam2rad_core::run::{self, Which};
-use sam2rad_core::{DecoderMode, Sam2Rad, Sam2RadConfig};
-use sam2rad_data::layout::{load_sample, Dataset, LoadedSample};
+use sam2rad_data::layout::{Dataset, LoadedSample};
 use sam2rad_data::phantom::{generate, PhantomClass, PhantomConfig};
-use sam2rad_models::checkpoint::{Checkpoint, Source, WeightsBackend};
+use sam2rad_models::checkpoint::{Checkpoint, WeightsBackend};
 use sam2rad_models::config::SamConfig;
 use sam2rad_models::sam::AnySam;
 
 const DEV: Device = Device::Cpu;
-const SEED: u64 = 3;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A scratch folder unique to this test process.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sam2rad-eval-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-/// Replaces `key` by a tensor of its shape filled with `v`.
-fn fill(t: &mut BTreeMap<String, Tensor>, key: &str, v: f32) -> Res<()> {
-    let old = t
-        .get(key)
-        .ok_or_else(|| format!("no trained tensor `{key}`"))?;
-    let new = Tensor::full(v, old.dims(), &DEV)?;
-    t.insert(key.to_string(), new);
-    Ok(())
-}
-
-/// A run folder (training's format) of a tiny random-init model, objectness always positive;
-/// with `fill_logit = Some(v)` every mask logit is a constant of the sign of `v`.
-fn make_run(dir: &Path, classes: usize, fill_logit: Option<f32>) -> Res<()> {
-    let cfg = Sam2RadConfig {
-        num_tokens: 4,
-        decoder: DecoderMode::Lora,
-        ..Sam2RadConfig::new(tiny_sam(), classes)
-    };
-    let model = Sam2Rad::new(
-        &cfg,
-        Source::Init { seed: SEED },
-        Source::Init { seed: 7 },
-        &DEV,
-    )?;
-    let mut t = model.trained_tensors();
-    fill(&mut t, "objectness.head.layers.2.weight", 0.0)?;
-    fill(&mut t, "objectness.head.layers.2.bias", 5.0)?;
-    if let Some(v) = fill_logit {
-        fill(&mut t, "mask_decoder.output_upscaling.3.weight", 0.0)?;
-        fill(&mut t, "mask_decoder.output_upscaling.3.bias", 1.0)?;
-        fill(
-            &mut t,
-            "mask_decoder.output_hypernetworks_mlps.0.layers.2.weight",
-            0.0,
-        )?;
-        fill(
-            &mut t,
-            "mask_decoder.output_hypernetworks_mlps.0.layers.2.bias",
-            v,
-        )?;
-    }
-    std::fs::create_dir_all(dir)?;
-    let map: std::collections::HashMap<String, Tensor> = t.into_iter().collect();
-    candle_core::safetensors::save(&map, dir.join(run::BEST_FILE))?;
-    let json = serde_json::json!({
-        "model": cfg,
-        "train": {"weights": null, "random_init_seed": SEED},
-    });
-    std::fs::write(dir.join(run::CONFIG_FILE), serde_json::to_string(&json)?)?;
-    Ok(())
+    common::scratch("eval", name)
 }
 
 /// Small two-class phantoms (bone, bursa); about half of the images are empty.
@@ -111,14 +53,6 @@ fn options(mode: Mode, out: &Path) -> EvalOptions {
         out_dir: out.to_path_buf(),
         overlays: 3,
     }
-}
-
-fn samples(ds: &Dataset, classes: usize) -> Res<Vec<LoadedSample>> {
-    Ok(ds
-        .samples
-        .iter()
-        .map(|s| load_sample(s, classes))
-        .collect::<Result<_, _>>()?)
 }
 
 /// Mean of the non-empty values of CSV column `col` over the rows of `class`.
@@ -193,7 +127,7 @@ fn report_files_are_consistent() -> Res<()> {
         vec![PhantomClass::Bone, PhantomClass::Bursa],
         5,
     )?;
-    make_run(&base.join("run"), 2, None)?;
+    make_run(&base.join("run"), 2, 5.0, None)?;
     let run = run::load(&base.join("run"), Which::Best, None, &DEV)?;
     let out = base.join("out");
     let mut opts = options(Mode::Auto, &out);
@@ -231,7 +165,7 @@ fn protocol_on_crafted_predictions() -> Res<()> {
     );
 
     // Every logit positive for both classes: class 1 wins the tie everywhere, class 2 is empty.
-    make_run(&base.join("everywhere"), 2, Some(1.0))?;
+    make_run(&base.join("everywhere"), 2, 5.0, Some(1.0))?;
     let run = run::load(&base.join("everywhere"), Which::Best, None, &DEV)?;
     let out = base.join("out-everywhere");
     let report = evaluate(Target::Sam2Rad(&run.model), &ds, &options(Mode::Auto, &out))?;
@@ -266,7 +200,7 @@ fn protocol_on_crafted_predictions() -> Res<()> {
     );
 
     // Every logit negative: nothing predicted, no false positive, empty classes not scored.
-    make_run(&base.join("nowhere"), 2, Some(-1.0))?;
+    make_run(&base.join("nowhere"), 2, 5.0, Some(-1.0))?;
     let run = run::load(&base.join("nowhere"), Which::Best, None, &DEV)?;
     let out = base.join("out-nowhere");
     let report = evaluate(Target::Sam2Rad(&run.model), &ds, &options(Mode::Auto, &out))?;
@@ -289,7 +223,7 @@ fn box_mode_skips_empty_ground_truth() -> Res<()> {
         4,
     )?;
     let loaded = samples(&ds, 2)?;
-    make_run(&base.join("run"), 2, None)?;
+    make_run(&base.join("run"), 2, 5.0, None)?;
     let run = run::load(&base.join("run"), Which::Best, None, &DEV)?;
     let present = |l: u8| loaded.iter().filter(|s| s.mask.contains(&l)).count();
     for mode in [Mode::Box, Mode::AutoBox] {

@@ -3,83 +3,17 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use common::{tiny_sam, Res};
+use common::{make_run, max_abs_diff, Res};
 use sam2rad_core::infer::{predict_image, Mode, UserPrompts, EMPTY_LOGIT};
 use sam2rad_core::run::{self, Which};
-use sam2rad_core::{DecoderMode, Sam2Rad, Sam2RadConfig};
-use sam2rad_models::checkpoint::Source;
 
 const DEV: Device = Device::Cpu;
-const SEED: u64 = 3;
 
-/// A scratch folder unique to this test process.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sam2rad-infer-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-/// Replaces `key` by a tensor of its shape filled with `v`.
-fn fill(t: &mut BTreeMap<String, Tensor>, key: &str, v: f32) -> Res<()> {
-    let old = t
-        .get(key)
-        .ok_or_else(|| format!("no trained tensor `{key}`"))?;
-    let new = Tensor::full(v, old.dims(), &DEV)?;
-    t.insert(key.to_string(), new);
-    Ok(())
-}
-
-/// Writes a run folder (training's format) for a tiny random-init model with `classes` classes.
-/// The objectness head always answers `objectness`; with `fill = Some(v)` every mask logit is
-/// the constant `v`-signed value (zero final upscaling conv with bias 1, hypernetwork bias `v`).
-fn make_run(dir: &Path, classes: usize, objectness: f32, fill_logit: Option<f32>) -> Res<()> {
-    let cfg = Sam2RadConfig {
-        num_tokens: 4,
-        decoder: DecoderMode::Lora,
-        ..Sam2RadConfig::new(tiny_sam(), classes)
-    };
-    let model = Sam2Rad::new(
-        &cfg,
-        Source::Init { seed: SEED },
-        Source::Init { seed: 7 },
-        &DEV,
-    )?;
-    let mut t = model.trained_tensors();
-    fill(&mut t, "objectness.head.layers.2.weight", 0.0)?;
-    fill(&mut t, "objectness.head.layers.2.bias", objectness)?;
-    if let Some(v) = fill_logit {
-        fill(&mut t, "mask_decoder.output_upscaling.3.weight", 0.0)?;
-        fill(&mut t, "mask_decoder.output_upscaling.3.bias", 1.0)?;
-        fill(
-            &mut t,
-            "mask_decoder.output_hypernetworks_mlps.0.layers.2.weight",
-            0.0,
-        )?;
-        fill(
-            &mut t,
-            "mask_decoder.output_hypernetworks_mlps.0.layers.2.bias",
-            v,
-        )?;
-    }
-    std::fs::create_dir_all(dir)?;
-    let map: std::collections::HashMap<String, Tensor> = t.into_iter().collect();
-    candle_core::safetensors::save(&map, dir.join(run::BEST_FILE))?;
-    candle_core::safetensors::save(&map, dir.join(run::LAST_FILE))?;
-    let json = serde_json::json!({
-        "format": "sam2rad-run-v1",
-        "model": cfg,
-        "train": {"weights": null, "random_init_seed": SEED},
-        "base_weights": {"path": null, "identity": format!("init:{SEED}")},
-    });
-    std::fs::write(
-        dir.join(run::CONFIG_FILE),
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    Ok(())
+    common::scratch("infer", name)
 }
 
 /// A deterministic grey-ish RGB test image.
@@ -87,10 +21,6 @@ fn image(h: usize, w: usize) -> Vec<u8> {
     (0..h * w * 3)
         .map(|i| ((i / 3 % w) * 3 + (i / 3 / w) * 5 + (i % 3) * 17) as u8)
         .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Res<f32> {
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 #[test]

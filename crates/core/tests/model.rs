@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor};
-use common::{noise, rect_targets, tiny_sam, tiny_sam2, Res};
+use common::{max_abs_diff, noise, rect_targets, tiny_sam, tiny_sam2, Res};
 use sam2rad_core::{
     extract, sam2rad_loss, DecoderMode, Features, LossConfig, Phase, PpnVariant, RowPrompts, Rows,
     Sam2Rad, Sam2RadConfig,
@@ -305,10 +305,7 @@ fn lora_with_zero_b_is_bit_identical() -> Res<()> {
         }
     }
     let c = adapted.forward_full(&image, &pe, &sparse, &dense)?;
-    let diff = (c.masks_all - &a.masks_all)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()?;
+    let diff = max_abs_diff(&c.masks_all, &a.masks_all)?;
     assert!(diff > 1e-3, "LoRA update has no effect ({diff})");
     Ok(())
 }
@@ -393,7 +390,7 @@ fn features_cache_roundtrip_and_row_selection() -> Res<()> {
         let back = Features::from_named_tensors(&map, &DEV)?;
         for (a, b) in feats.levels.iter().zip(&back.levels) {
             assert_eq!(a.dims(), b.dims());
-            let err = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let err = max_abs_diff(a, b)?;
             let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
             assert!(err <= 1e-3 * scale.max(1.0), "f16 roundtrip error {err}");
         }
@@ -401,18 +398,12 @@ fn features_cache_roundtrip_and_row_selection() -> Res<()> {
         // Rows of images [1, 1, 0] and the batch rebuilt from single images.
         let picked = feats.rows(&[1, 1, 0])?;
         let one = feats.rows(&[1])?;
-        let diff = (picked.levels[2].narrow(0, 0, 1)? - &one.levels[2])?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let diff = max_abs_diff(&picked.levels[2].narrow(0, 0, 1)?, &one.levels[2])?;
         assert_eq!(diff, 0.0);
         assert_eq!(picked.embed.dim(0)?, 3);
         let parts = [feats.rows(&[0])?, feats.rows(&[1])?];
         let joined = Features::cat(&parts)?;
-        let diff = (&joined.embed - &feats.embed)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
+        let diff = max_abs_diff(&joined.embed, &feats.embed)?;
         assert_eq!(diff, 0.0);
         assert!(feats.rows(&[2]).is_err(), "out-of-range image accepted");
     }
@@ -445,20 +436,14 @@ fn run_checkpoint_restores_the_model() -> Res<()> {
         &DEV,
     )?;
     let got = b.forward(&feats, &rows, &RowPrompts::learned(), Phase::Eval)?;
-    let diff = (&got.mask_logits - &want.mask_logits)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()?;
+    let diff = max_abs_diff(&got.mask_logits, &want.mask_logits)?;
     assert_eq!(diff, 0.0, "restored model differs");
 
     // load_trained on a fresh model does the same; a foreign key is refused.
     let c = build(&cfg, 99)?;
     c.load_trained(&ckpt.tensors)?;
     let got = c.forward(&feats, &rows, &RowPrompts::learned(), Phase::Eval)?;
-    let diff = (&got.mask_logits - &want.mask_logits)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()?;
+    let diff = max_abs_diff(&got.mask_logits, &want.mask_logits)?;
     assert_eq!(diff, 0.0);
     let mut extra = ckpt.tensors.clone();
     extra.insert("ppn.unknown".into(), Tensor::zeros(1, DType::F32, &DEV)?);
@@ -499,10 +484,7 @@ fn sam2_manual_mode_matches_the_base_predictor() -> Res<()> {
     let pred = model
         .base()
         .predict(&embedding, (s, s), (s, s), &official, false)?;
-    let diff = (&ours.mask_logits - &pred.low_res_logits)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()?;
+    let diff = max_abs_diff(&ours.mask_logits, &pred.low_res_logits)?;
     assert!(
         diff < 1e-4,
         "manual mode differs from the predictor by {diff}"
@@ -511,10 +493,7 @@ fn sam2_manual_mode_matches_the_base_predictor() -> Res<()> {
         .object_score_logits
         .ok_or("no object score")?
         .flatten_all()?;
-    let diff = (&ours.object_logits - &obj)?
-        .abs()?
-        .max_all()?
-        .to_scalar::<f32>()?;
+    let diff = max_abs_diff(&ours.object_logits, &obj)?;
     assert!(diff < 1e-4, "object score differs by {diff}");
     Ok(())
 }

@@ -9,21 +9,20 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use common::{tiny_sam, Res};
+use common::{samples, tiny_sam, Res};
 use sam2rad_core::run::{load, Which};
 use sam2rad_core::train::{
     evaluate_dice, train, BaseModel, ProgressEvent, TrainConfig, TrainRunConfig, TrainSummary,
     CONFIG_FILE, CURVES_FILE, LAST_FILE, METRICS_FILE, STATE_FILE,
 };
 use sam2rad_core::{DecoderMode, Sam2Rad};
-use sam2rad_data::layout::{load_sample, Dataset, LoadedSample};
+use sam2rad_data::layout::{Dataset, LoadedSample};
 use sam2rad_data::phantom::{generate, PhantomConfig};
 use sam2rad_models::checkpoint::Source;
 
 /// A fresh scratch folder for one test.
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sam2rad-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::scratch("train", name);
     std::fs::create_dir_all(&dir).expect("scratch folder");
     dir
 }
@@ -284,12 +283,7 @@ fn clear_errors() -> Res<()> {
 
 /// The test split of `data`, loaded.
 fn test_split(data: &Path) -> Res<Vec<LoadedSample>> {
-    let ds = Dataset::open(data, "Test")?;
-    Ok(ds
-        .samples
-        .iter()
-        .map(|s| load_sample(s, 1))
-        .collect::<Result<_, _>>()?)
+    samples(&Dataset::open(data, "Test")?, 1)
 }
 
 #[test]

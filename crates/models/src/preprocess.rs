@@ -170,7 +170,8 @@ pub struct Preprocessed {
     pub input_size: (usize, usize),
 }
 
-fn check_rgb(rgb: &[u8], h: usize, w: usize) -> Result<()> {
+/// An error unless `rgb` is a non-empty RGB HWC buffer of `h`×`w` pixels.
+pub(crate) fn check_rgb(rgb: &[u8], h: usize, w: usize) -> Result<()> {
     if h == 0 || w == 0 || rgb.len() != h * w * 3 {
         candle_core::bail!(
             "expected an RGB HWC buffer of {h}x{w}x3 = {} bytes, got {} bytes",

@@ -5,7 +5,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::preprocess::{longest_side_size, Preprocessed};
+use crate::preprocess::{check_rgb, longest_side_size, Preprocessed};
 
 /// SAM 2's normalisation mean (RGB, 0..1 scale).
 pub const SAM2_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -120,13 +120,7 @@ pub fn resize_bilinear_antialias(
 
 /// `ToTensor` of RGB uint8 HWC data: planar `[3, h, w]` floats in 0..1.
 fn to_planar_unit(rgb: &[u8], h: usize, w: usize) -> Result<Vec<f32>> {
-    if h == 0 || w == 0 || rgb.len() != h * w * 3 {
-        candle_core::bail!(
-            "expected an RGB HWC buffer of {h}x{w}x3 = {} bytes, got {} bytes",
-            h * w * 3,
-            rgb.len()
-        )
-    }
+    check_rgb(rgb, h, w)?;
     let mut out = vec![0f32; 3 * h * w];
     for (c, plane) in out.chunks_exact_mut(h * w).enumerate() {
         for (d, px) in plane.iter_mut().zip(rgb.chunks_exact(3)) {

@@ -1,32 +1,17 @@
 //! Gradients flow through the prompt encoder and mask decoder: every trainable tensor, a box
 //! prompt given as a variable and a mask prompt given as a variable all get non-zero gradients.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+use common::{noise, reference_file, small_decoder, Res};
 use sam2rad_models::checkpoint::{Checkpoint, Source, WeightsBackend};
 use sam2rad_models::config::DecoderConfig;
 use sam2rad_models::mask_decoder::{DecoderOutput, MaskDecoder};
 use sam2rad_models::prompt_encoder::PromptEncoder;
 use sam2rad_nn::loss::{bce_with_logits, mean_or_zero};
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
-/// Deterministic pseudo-random values in [-1, 1) (no dependence on candle's RNG).
-fn noise(shape: &[usize], seed: u64) -> Res<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
-    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
-}
 
 /// Mean BCE of all mask logits against a random binary target plus a squared IoU error, so every
 /// mask token, hypernetwork MLP and the IoU head contribute.
@@ -46,8 +31,9 @@ fn grad_norm(grads: &GradStore, t: &Tensor) -> Res<f32> {
     })
 }
 
-/// Names of the backend variables whose gradient is missing, zero or not finite.
-fn missing_grads(backend: &WeightsBackend, grads: &GradStore) -> Res<Vec<String>> {
+/// Fails naming the backend variables whose gradient is missing, zero or not finite.
+fn assert_every_var_has_gradient(backend: &WeightsBackend, grads: &GradStore) -> Res<()> {
+    let n_vars = backend.vars().len();
     let mut bad = Vec::new();
     for (name, var) in backend.vars() {
         let n = grad_norm(grads, var.as_tensor())?;
@@ -55,7 +41,13 @@ fn missing_grads(backend: &WeightsBackend, grads: &GradStore) -> Res<Vec<String>
             bad.push(format!("{name} (|g| = {n})"));
         }
     }
-    Ok(bad)
+    assert!(
+        bad.is_empty(),
+        "{} of {n_vars} vars without gradient: {}",
+        bad.len(),
+        bad.join(", ")
+    );
+    Ok(())
 }
 
 /// A box in the 1024 frame and a mask prompt as variables, so gradients to them can be checked.
@@ -73,9 +65,9 @@ fn prompt_vars(batch: usize) -> Res<(Var, Var)> {
 
 #[test]
 fn checkpoint_decoder_vars_and_prompts_get_gradients() -> Res<()> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/reference/sam_vit_reduced.safetensors");
-    let ckpt = Arc::new(Checkpoint::load(&path)?);
+    let ckpt = Arc::new(Checkpoint::load(&reference_file(
+        "sam_vit_reduced.safetensors",
+    ))?);
     let backend = WeightsBackend::new(Source::File(ckpt), |k| k.starts_with("mask_decoder."));
     let vb = backend.var_builder(&Device::Cpu);
     let pe = PromptEncoder::new(32, 64, 1024, 16, vb.pp("prompt_encoder"))?;
@@ -97,13 +89,7 @@ fn checkpoint_decoder_vars_and_prompts_get_gradients() -> Res<()> {
     let out = dec.forward_full(&embedding, &pe.get_dense_pe()?, &sparse, &dense)?;
     let grads = loss(&out, 2)?.backward()?;
 
-    let bad = missing_grads(&backend, &grads)?;
-    assert!(
-        bad.is_empty(),
-        "{} of {n_vars} vars without gradient: {}",
-        bad.len(),
-        bad.join(", ")
-    );
+    assert_every_var_has_gradient(&backend, &grads)?;
     let gb = grad_norm(&grads, boxes.as_tensor())?;
     let gm = grad_norm(&grads, mask.as_tensor())?;
     println!("{n_vars} decoder vars with gradients; |d/dbox| = {gb:.3e}, |d/dmask| = {gm:.3e}");
@@ -116,14 +102,7 @@ fn checkpoint_decoder_vars_and_prompts_get_gradients() -> Res<()> {
 fn random_tiny_model_every_var_gets_gradient() -> Res<()> {
     let backend = WeightsBackend::new(Source::Random { seed: 11, std: 0.3 }, |_| true);
     let vb = backend.var_builder(&Device::Cpu);
-    let cfg = DecoderConfig {
-        depth: 2,
-        num_heads: 2,
-        mlp_dim: 24,
-        num_multimask_outputs: 3,
-        iou_head_depth: 3,
-        iou_head_hidden_dim: 16,
-    };
+    let cfg = small_decoder();
     let dim = 16;
     let pe = PromptEncoder::new(dim, 64, 1024, 16, vb.pp("prompt_encoder"))?;
     let dec = MaskDecoder::new(&cfg, dim, vb.pp("mask_decoder"))?;
@@ -157,13 +136,7 @@ fn random_tiny_model_every_var_gets_gradient() -> Res<()> {
         backend.used().len(),
         "every tensor should be a variable"
     );
-    let bad = missing_grads(&backend, &grads)?;
-    assert!(
-        bad.is_empty(),
-        "{} of {n_vars} vars without gradient: {}",
-        bad.len(),
-        bad.join(", ")
-    );
+    assert_every_var_has_gradient(&backend, &grads)?;
     assert!(
         grad_norm(&grads, boxes.as_tensor())? > 0.0,
         "no gradient reaches the box prompt"
@@ -182,14 +155,7 @@ fn random_tiny_model_every_var_gets_gradient() -> Res<()> {
 fn prompt_gradients_match_finite_differences() -> Res<()> {
     let backend = WeightsBackend::new(Source::Random { seed: 5, std: 0.3 }, |_| false);
     let vb = backend.var_builder(&Device::Cpu).set_dtype(DType::F64);
-    let cfg = DecoderConfig {
-        depth: 2,
-        num_heads: 2,
-        mlp_dim: 24,
-        num_multimask_outputs: 3,
-        iou_head_depth: 3,
-        iou_head_hidden_dim: 16,
-    };
+    let cfg = small_decoder();
     let dim = 16;
     let pe = PromptEncoder::new(dim, 64, 1024, 16, vb.pp("prompt_encoder"))?;
     let dec = MaskDecoder::new(&cfg, dim, vb.pp("mask_decoder"))?;

@@ -1,11 +1,16 @@
 //! Prompt encoder + mask decoder + postprocessing against the official SAM outputs stored in
 //! `fixtures/reference` (reduced SAM ViT, width 32), fed with the stored image embedding.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use common::{
+    check_elem_count, check_no_flips, fixture, get, load_reference, max_abs_diff, reference_file,
+    Res,
+};
 use sam2rad_models::checkpoint::{Checkpoint, WeightsBackend};
 use sam2rad_models::config::{DecoderConfig, SamConfig};
 use sam2rad_models::mask_decoder::MaskDecoder;
@@ -13,42 +18,12 @@ use sam2rad_models::postprocess::{apply_boxes, apply_coords, postprocess_masks};
 use sam2rad_models::prompt_encoder::PromptEncoder;
 use sam2rad_models::sam::{Prompts, Sam};
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
-
 const ORIGINAL: (usize, usize) = (300, 400);
 const INPUT: (usize, usize) = (768, 1024);
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/reference")
-        .join(name)
-}
-
-fn load(name: &str) -> Res<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(fixture(name), &Device::Cpu)?)
-}
-
-fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> Res<&'a Tensor> {
-    map.get(key)
-        .ok_or_else(|| format!("fixture tensor `{key}` missing").into())
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Res<f32> {
-    let a = a.to_dtype(DType::F32)?;
-    let b = b.to_dtype(DType::F32)?.reshape(a.shape())?;
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-}
-
 fn check(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) -> Res<f32> {
-    if ours.elem_count() != reference.elem_count() {
-        return Err(format!(
-            "{what}: shape {:?} vs reference {:?}",
-            ours.dims(),
-            reference.dims()
-        )
-        .into());
-    }
-    let err = max_abs_diff(ours, reference)?;
+    check_elem_count(what, ours, reference)?;
+    let err = max_abs_diff(ours, &reference.reshape(ours.shape())?)?;
     println!("{what:<48} max |Δ| = {err:.3e}");
     if err > tol {
         return Err(format!("{what}: max |Δ| {err:e} > {tol:e}").into());
@@ -62,7 +37,7 @@ struct Model {
 }
 
 fn build(weights: &str) -> Res<Model> {
-    let ckpt = Arc::new(Checkpoint::load(&fixture(weights))?);
+    let ckpt = Arc::new(Checkpoint::load(&reference_file(weights))?);
     let backend = WeightsBackend::frozen(ckpt);
     let vb = backend.var_builder(&Device::Cpu);
     Ok(Model {
@@ -92,8 +67,8 @@ fn prompts(inputs: &HashMap<String, Tensor>) -> Res<((Tensor, Tensor), Tensor)> 
 
 fn run_cases(weights: &str) -> Res<()> {
     println!("== weights {weights}");
-    let inputs = load("inputs.safetensors")?;
-    let refs = load("sam_vit_reduced_outputs.safetensors")?;
+    let inputs = load_reference("inputs.safetensors")?;
+    let refs = load_reference("sam_vit_reduced_outputs.safetensors")?;
     let model = build(weights)?;
     let embedding = get(&refs, "image_embeddings")?;
     let dense_pe = model.prompt_encoder.get_dense_pe()?;
@@ -174,16 +149,7 @@ fn run_cases(weights: &str) -> Res<()> {
             reference,
             1e-3,
         )?);
-        let ours: Vec<f32> = masks.flatten_all()?.to_vec1()?;
-        let theirs: Vec<f32> = reference.flatten_all()?.to_vec1()?;
-        let flipped = ours
-            .iter()
-            .zip(&theirs)
-            .filter(|(o, t)| t.abs() > 1e-3 && (**o > 0.0) != (**t > 0.0))
-            .count();
-        if flipped > 0 {
-            return Err(format!("{case}: {flipped} mask pixels flip where |ref| > 1e-3").into());
-        }
+        check_no_flips(case, &masks, reference)?;
     }
     println!(
         "worst over cases: low_res {:.3e}, iou {:.3e}, masks {:.3e}",
@@ -206,8 +172,8 @@ fn decoder_matches_reference_pt() -> Res<()> {
 /// image embedding either shared (batch 1) or repeated per prompt row.
 #[test]
 fn batched_prompts_match_single_rows() -> Res<()> {
-    let inputs = load("inputs.safetensors")?;
-    let refs = load("sam_vit_reduced_outputs.safetensors")?;
+    let inputs = load_reference("inputs.safetensors")?;
+    let refs = load_reference("sam_vit_reduced_outputs.safetensors")?;
     let model = build("sam_vit_reduced.safetensors")?;
     let embedding = get(&refs, "image_embeddings")?;
     let dense_pe = model.prompt_encoder.get_dense_pe()?;
@@ -257,17 +223,15 @@ fn batched_prompts_match_single_rows() -> Res<()> {
 /// over) reproduces `SamPredictor.predict(..., return_logits=True)` on the stored embedding.
 #[test]
 fn predictor_matches_reference() -> Res<()> {
-    let cfg_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/configs/sam_vit_reduced.json");
-    let cfg = SamConfig::from_json_file(&cfg_path)?;
-    let backend = WeightsBackend::frozen(Arc::new(Checkpoint::load(&fixture(
+    let cfg = SamConfig::from_json_file(&fixture("configs/sam_vit_reduced.json"))?;
+    let backend = WeightsBackend::frozen(Arc::new(Checkpoint::load(&reference_file(
         "sam_vit_reduced.safetensors",
     ))?));
     let sam = Sam::new(&cfg, backend.var_builder(&Device::Cpu))?;
     backend.check_unexpected(&[])?;
 
-    let inputs = load("inputs.safetensors")?;
-    let refs = load("sam_vit_reduced_outputs.safetensors")?;
+    let inputs = load_reference("inputs.safetensors")?;
+    let refs = load_reference("sam_vit_reduced_outputs.safetensors")?;
     let embedding = get(&refs, "image_embeddings")?;
     let pts: Vec<Vec<f32>> = get(&inputs, "points_xy")?.to_vec2()?;
     let labels: Vec<i64> = get(&inputs, "labels")?.to_dtype(DType::I64)?.to_vec1()?;

@@ -1,25 +1,19 @@
 //! Image-encoder parity with the official PyTorch outputs on the reduced reference models
 //! (SAM ViT and MobileSAM TinyViT), from both `.safetensors` and `.pt` weights.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use common::{max_abs_diff, reference_file, Res};
 use sam2rad_models::checkpoint::{Checkpoint, Source, WeightsBackend};
 use sam2rad_models::config::{
     DecoderConfig, EncoderConfig, Family, SamConfig, TinyVitConfig, VitConfig,
 };
 use sam2rad_models::encoder::ImageEncoder;
 use sam2rad_models::preprocess::{load_rgb, sam_preprocess};
-
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/reference")
-        .join(name)
-}
 
 fn reduced_vit() -> SamConfig {
     SamConfig {
@@ -59,23 +53,15 @@ fn reduced_tiny_vit() -> SamConfig {
     }
 }
 
-fn input() -> Result<Tensor, Box<dyn std::error::Error>> {
-    let img = load_rgb(&fixture("image_300x400.png"))?;
+fn input() -> Res<Tensor> {
+    let img = load_rgb(&reference_file("image_300x400.png"))?;
     Ok(sam_preprocess(&img.data, img.height, img.width, 1024, &Device::Cpu)?.input)
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32, Box<dyn std::error::Error>> {
-    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 /// Builds the encoder from `weights`, checks every image-encoder key was used, and returns the
 /// max abs error of the embedding against `outputs` plus the levels.
-fn parity(
-    cfg: &SamConfig,
-    weights: &str,
-    outputs: &str,
-) -> Result<(f32, Vec<Tensor>), Box<dyn std::error::Error>> {
-    let ckpt = Arc::new(Checkpoint::load(&fixture(weights))?);
+fn parity(cfg: &SamConfig, weights: &str, outputs: &str) -> Res<(f32, Vec<Tensor>)> {
+    let ckpt = Arc::new(Checkpoint::load(&reference_file(weights))?);
     let backend = WeightsBackend::frozen(ckpt);
     let encoder = ImageEncoder::new(cfg, backend.var_builder(&Device::Cpu))?;
     backend.check_unexpected(&["prompt_encoder.", "mask_decoder."])?;
@@ -83,15 +69,15 @@ fn parity(
     let start = Instant::now();
     let (emb, levels) = encoder.forward_levels(&x)?;
     let secs = start.elapsed().as_secs_f64();
-    let mut refs = candle_core::safetensors::load(fixture(outputs), &Device::Cpu)?;
+    let mut refs = candle_core::safetensors::load(reference_file(outputs), &Device::Cpu)?;
     let want = refs
         .remove("image_embeddings")
         .ok_or("no image_embeddings")?;
     assert_eq!(emb.dims(), want.dims());
-    let err = max_abs(&emb, &want)?;
+    let err = max_abs_diff(&emb, &want)?;
     let plain = encoder.forward(&x)?;
     assert_eq!(
-        max_abs(&emb, &plain)?,
+        max_abs_diff(&emb, &plain)?,
         0.0,
         "forward and forward_levels disagree"
     );
@@ -104,7 +90,7 @@ fn parity(
 }
 
 #[test]
-fn sam_vit_reduced_safetensors() -> TestResult {
+fn sam_vit_reduced_safetensors() -> Res<()> {
     let (err, _) = parity(
         &reduced_vit(),
         "sam_vit_reduced.safetensors",
@@ -115,7 +101,7 @@ fn sam_vit_reduced_safetensors() -> TestResult {
 }
 
 #[test]
-fn sam_vit_reduced_pt() -> TestResult {
+fn sam_vit_reduced_pt() -> Res<()> {
     let (err, _) = parity(
         &reduced_vit(),
         "sam_vit_reduced.pt",
@@ -126,7 +112,7 @@ fn sam_vit_reduced_pt() -> TestResult {
 }
 
 #[test]
-fn tiny_vit_reduced_safetensors() -> TestResult {
+fn tiny_vit_reduced_safetensors() -> Res<()> {
     let (err, levels) = parity(
         &reduced_tiny_vit(),
         "mobile_sam_tinyvit_reduced.safetensors",
@@ -140,7 +126,7 @@ fn tiny_vit_reduced_safetensors() -> TestResult {
 }
 
 #[test]
-fn tiny_vit_reduced_pt() -> TestResult {
+fn tiny_vit_reduced_pt() -> Res<()> {
     let (err, _) = parity(
         &reduced_tiny_vit(),
         "mobile_sam_tinyvit_reduced.pt",
@@ -154,7 +140,7 @@ fn tiny_vit_reduced_pt() -> TestResult {
 /// (`cargo test --release -p sam2rad-models --test encoder_parity -- --ignored --nocapture`).
 #[test]
 #[ignore = "slow: full-size encoder timing"]
-fn full_size_encoder_timing() -> TestResult {
+fn full_size_encoder_timing() -> Res<()> {
     let x = Tensor::randn(0f32, 1.0, (1, 3, 1024, 1024), &Device::Cpu)?;
     for preset in ["mobile-sam", "sam-vit-b"] {
         let cfg = SamConfig::preset(preset)?;

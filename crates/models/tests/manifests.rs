@@ -1,6 +1,8 @@
 //! The models our presets build have exactly the keys and shapes of the official checkpoints
 //! (manifests listed from the official builders), without allocating the weights.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use candle_core::Device;
@@ -15,27 +17,8 @@ struct Manifest {
 }
 
 fn manifest(file: &str) -> Manifest {
-    let path = format!(
-        "{}/../../fixtures/manifests/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let text = std::fs::read_to_string(&path).expect("manifest readable");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("manifest is JSON");
-    let shapes = v["state_dict"]["tensors"]
-        .as_array()
-        .expect("tensor list")
-        .iter()
-        .map(|t| {
-            let key = t["key"].as_str().expect("key").to_string();
-            let shape = t["shape"]
-                .as_array()
-                .expect("shape")
-                .iter()
-                .map(|d| d.as_u64().expect("dim") as usize)
-                .collect();
-            (key, shape)
-        })
-        .collect();
+    let v = common::manifest(file).expect("manifest readable JSON");
+    let shapes = common::manifest_shapes(&v).expect("tensor list");
     let num_parameters = v["num_parameters"].as_u64().expect("num_parameters") as usize;
     Manifest {
         shapes,

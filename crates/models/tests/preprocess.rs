@@ -1,26 +1,16 @@
 //! Preprocessing parity with the official SAM pipeline (Pillow bilinear resize, normalisation,
 //! padding) on the reference fixtures.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::{load_reference, max_abs, max_abs_diff, reference_file, stride8, Res};
 use sam2rad_models::preprocess::{
     load_rgb, longest_side_size, medsam_preprocess, resize_pillow_bilinear, sam_preprocess,
 };
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/reference")
-        .join(name)
-}
-
-fn reference(name: &str) -> Result<Tensor, Box<dyn std::error::Error>> {
-    let mut all = candle_core::safetensors::load(
-        fixture("sam_vit_reduced_outputs.safetensors"),
-        &Device::Cpu,
-    )?;
+fn reference(name: &str) -> Res<Tensor> {
+    let mut all = load_reference("sam_vit_reduced_outputs.safetensors")?;
     Ok(all
         .remove(name)
         .ok_or(format!("no `{name}` in the outputs file"))?)
@@ -35,12 +25,12 @@ fn longest_side_matches_resize_longest_side() {
 }
 
 #[test]
-fn pillow_upscale_is_byte_exact() -> TestResult {
-    let img = load_rgb(&fixture("image_300x400.png"))?;
+fn pillow_upscale_is_byte_exact() -> Res<()> {
+    let img = load_rgb(&reference_file("image_300x400.png"))?;
     assert_eq!((img.height, img.width), (300, 400));
     let (nh, nw) = longest_side_size(img.height, img.width, 1024);
     let ours = resize_pillow_bilinear(&img.data, img.height, img.width, 3, nh, nw);
-    let want = load_rgb(&fixture("sam_resized_768x1024.png"))?;
+    let want = load_rgb(&reference_file("sam_resized_768x1024.png"))?;
     assert_eq!((want.height, want.width), (768, 1024));
     let diff = ours.iter().zip(&want.data).filter(|(a, b)| a != b).count();
     println!(
@@ -65,41 +55,26 @@ fn pillow_upscale_is_byte_exact() -> TestResult {
 }
 
 #[test]
-fn sam_input_matches_encoder_input() -> TestResult {
-    let img = load_rgb(&fixture("image_300x400.png"))?;
+fn sam_input_matches_encoder_input() -> Res<()> {
+    let img = load_rgb(&reference_file("image_300x400.png"))?;
     let pre = sam_preprocess(&img.data, img.height, img.width, 1024, &Device::Cpu)?;
     assert_eq!(pre.input.dims(), &[1, 3, 1024, 1024]);
     assert_eq!(pre.original_size, (300, 400));
     assert_eq!(pre.input_size, (768, 1024));
-    let idx = Tensor::from_vec(
-        (0..128u32).map(|i| i * 8).collect::<Vec<_>>(),
-        128,
-        &Device::Cpu,
-    )?;
-    let ours = pre.input.index_select(&idx, 2)?.index_select(&idx, 3)?;
+    let ours = stride8(&pre.input, 0)?;
     let want = reference("encoder_input_stride8")?;
-    let err = (ours - want)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
+    let err = max_abs_diff(&ours, &want)?;
     println!("encoder_input_stride8 max abs error: {err:e}");
     assert!(err <= 1e-5);
     // Rows below the resized image are zero padding.
-    let pad = pre
-        .input
-        .narrow(2, 768, 256)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
+    let pad = max_abs(&pre.input.narrow(2, 768, 256)?)?;
     assert_eq!(pad, 0.0);
     Ok(())
 }
 
 #[test]
-fn pillow_downscale_preserves_mean() -> TestResult {
-    let img = load_rgb(&fixture("image_300x400.png"))?;
+fn pillow_downscale_preserves_mean() -> Res<()> {
+    let img = load_rgb(&reference_file("image_300x400.png"))?;
     let small = resize_pillow_bilinear(&img.data, 300, 400, 3, 75, 100);
     assert_eq!(small.len(), 75 * 100 * 3);
     for c in 0..3 {
@@ -120,8 +95,8 @@ fn pillow_downscale_preserves_mean() -> TestResult {
 }
 
 #[test]
-fn medsam_input_is_square_and_unit_range() -> TestResult {
-    let img = load_rgb(&fixture("image_300x400.png"))?;
+fn medsam_input_is_square_and_unit_range() -> Res<()> {
+    let img = load_rgb(&reference_file("image_300x400.png"))?;
     let pre = medsam_preprocess(&img.data, img.height, img.width, 256, &Device::Cpu)?;
     assert_eq!(pre.input.dims(), &[1, 3, 256, 256]);
     assert_eq!(pre.input_size, (256, 256));
@@ -133,7 +108,7 @@ fn medsam_input_is_square_and_unit_range() -> TestResult {
 
 #[test]
 fn bad_inputs_give_clear_errors() {
-    let err = load_rgb(&fixture("README.md"))
+    let err = load_rgb(&reference_file("README.md"))
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
@@ -148,7 +123,7 @@ fn bad_inputs_give_clear_errors() {
 }
 
 #[test]
-fn sixteen_bit_grey_is_min_max_scaled_to_rgb() -> TestResult {
+fn sixteen_bit_grey_is_min_max_scaled_to_rgb() -> Res<()> {
     let (w, h) = (5u32, 3u32);
     // A scan using a small part of the 16-bit range, as CT/MR exports often do.
     let px: Vec<u16> = (0..w * h).map(|i| 1000 + 100 * i as u16).collect();

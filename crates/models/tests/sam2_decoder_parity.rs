@@ -2,11 +2,16 @@
 //! outputs stored in `fixtures/reference` (reduced Hiera, width 32), fed with the stored image
 //! features; an end-to-end run from the PNG; and the key/shape layout of the official presets.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
+use common::{
+    check_elem_count, check_no_flips, fixture, get, load_reference, manifest, manifest_shapes,
+    max_abs, max_abs_diff, reference_file, small_decoder, Res,
+};
 use sam2rad_models::checkpoint::{diff_key_shapes, Checkpoint, Source, WeightsBackend};
 use sam2rad_models::config::{DecoderConfig, SamConfig};
 use sam2rad_models::mask_decoder::{DecoderVariant, DynamicMultimask, MaskDecoder};
@@ -17,8 +22,6 @@ use sam2rad_models::sam::{AnySam, ImageEmbedding, Prediction, Prompts};
 use sam2rad_models::sam2::{Sam2, SAM2_VIDEO_KEY_PREFIXES};
 use sam2rad_models::sam2_image_encoder::Sam2Features;
 use sam2rad_nn::ops::resize_bilinear;
-
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 const ORIGINAL: (usize, usize) = (300, 400);
 const SQUARE: (usize, usize) = (1024, 1024);
@@ -32,46 +35,11 @@ const CASES: &[(&str, bool, bool, bool, bool, f32)] = &[
     ("box_single_thresh0.90", false, true, false, false, 0.90),
 ];
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(rel)
-}
-
-fn load(name: &str) -> Res<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(
-        fixture(&format!("reference/{name}")),
-        &Device::Cpu,
-    )?)
-}
-
-fn get<'a>(map: &'a HashMap<String, Tensor>, key: &str) -> Res<&'a Tensor> {
-    map.get(key)
-        .ok_or_else(|| format!("fixture tensor `{key}` missing").into())
-}
-
-fn max_abs(t: &Tensor) -> Res<f32> {
-    Ok(t.to_dtype(DType::F32)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?)
-}
-
 /// Max |ours − ref|, failing when it exceeds `tol · max(1, max|ref|)` (or shapes differ).
 fn check(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) -> Res<f32> {
-    if ours.elem_count() != reference.elem_count() {
-        return Err(format!(
-            "{what}: shape {:?} vs reference {:?}",
-            ours.dims(),
-            reference.dims()
-        )
-        .into());
-    }
-    let reference = reference.to_dtype(DType::F32)?;
-    let ours = ours.to_dtype(DType::F32)?.reshape(reference.shape())?;
-    let err = max_abs(&(ours - &reference)?)?;
-    let scale = max_abs(&reference)?.max(1.0);
+    check_elem_count(what, ours, reference)?;
+    let err = max_abs_diff(&ours.reshape(reference.shape())?, reference)?;
+    let scale = max_abs(reference)?.max(1.0);
     println!("{what:<56} max |Δ| = {err:.3e} (max |ref| {scale:.2})");
     if err > tol * scale {
         return Err(format!("{what}: max |Δ| {err:e} > {tol:e}·{scale}").into());
@@ -209,17 +177,7 @@ fn check_prediction(
             1e-3,
         )?,
     );
-    let ours: Vec<f32> = pred.masks_logits.flatten_all()?.to_vec1()?;
-    let theirs: Vec<f32> = reference.flatten_all()?.to_vec1()?;
-    let flipped = ours
-        .iter()
-        .zip(&theirs)
-        .filter(|(o, t)| t.abs() > 1e-3 && (**o > 0.0) != (**t > 0.0))
-        .count();
-    if flipped > 0 {
-        return Err(format!("{case}: {flipped} mask pixels flip where |ref| > 1e-3").into());
-    }
-    Ok(())
+    check_no_flips(case, &pred.masks_logits, reference)
 }
 
 struct Parts {
@@ -228,7 +186,7 @@ struct Parts {
 }
 
 fn build_parts(weights: &str) -> Res<Parts> {
-    let ckpt = Arc::new(Checkpoint::load(&fixture(&format!("reference/{weights}")))?);
+    let ckpt = Arc::new(Checkpoint::load(&reference_file(weights))?);
     let vb = WeightsBackend::frozen(ckpt).var_builder(&Device::Cpu);
     Ok(Parts {
         prompt_encoder: PromptEncoder::new(32, 64, 1024, 16, vb.pp("sam_prompt_encoder"))?,
@@ -244,8 +202,8 @@ fn build_parts(weights: &str) -> Res<Parts> {
 /// stability score and the dynamic single-mask choice.
 fn run_decoder_cases(weights: &str) -> Res<()> {
     println!("== weights {weights}");
-    let inputs = load("inputs.safetensors")?;
-    let refs = load(OUTPUTS)?;
+    let inputs = load_reference("inputs.safetensors")?;
+    let refs = load_reference(OUTPUTS)?;
     let mut parts = build_parts(weights)?;
     assert_eq!(parts.mask_decoder.variant(), DecoderVariant::Sam2);
     assert_eq!(
@@ -357,9 +315,7 @@ fn decoder_matches_reference_pt() -> Res<()> {
 
 fn build_sam2(weights: &str) -> Res<Sam2> {
     let cfg = config()?;
-    let backend = WeightsBackend::frozen(Arc::new(Checkpoint::load(&fixture(&format!(
-        "reference/{weights}"
-    )))?));
+    let backend = WeightsBackend::frozen(Arc::new(Checkpoint::load(&reference_file(weights))?));
     let sam2 = Sam2::new(&cfg, backend.var_builder(&Device::Cpu))?;
     backend.check_unexpected(SAM2_VIDEO_KEY_PREFIXES)?;
     // Without the allowance the video keys are reported.
@@ -372,8 +328,8 @@ fn build_sam2(weights: &str) -> Res<Sam2> {
 #[test]
 fn predictor_matches_reference() -> Res<()> {
     let mut sam2 = build_sam2("sam2.1_hiera_reduced.pt")?;
-    let inputs = load("inputs.safetensors")?;
-    let refs = load(OUTPUTS)?;
+    let inputs = load_reference("inputs.safetensors")?;
+    let refs = load_reference(OUTPUTS)?;
     let features = stored_features(&refs)?;
     let mut worst = Worst::default();
     for &(case, points, with_box, mask, multimask, thresh) in CASES {
@@ -393,8 +349,8 @@ fn predictor_matches_reference() -> Res<()> {
 
     // The same through `AnySam`.
     let cfg = config()?;
-    let backend = WeightsBackend::frozen(Arc::new(Checkpoint::load(&fixture(
-        "reference/sam2.1_hiera_reduced.safetensors",
+    let backend = WeightsBackend::frozen(Arc::new(Checkpoint::load(&reference_file(
+        "sam2.1_hiera_reduced.safetensors",
     ))?));
     let any = AnySam::new(&cfg, backend.var_builder(&Device::Cpu))?;
     backend.check_unexpected(any.unexpected_allowed_prefixes())?;
@@ -422,7 +378,7 @@ fn predictor_matches_reference() -> Res<()> {
 #[test]
 fn longest_side_geometry() -> Res<()> {
     let sam2 = build_sam2("sam2.1_hiera_reduced.safetensors")?;
-    let refs = load(OUTPUTS)?;
+    let refs = load_reference(OUTPUTS)?;
     let features = stored_features(&refs)?;
     let input = (768, 1024);
     let prompts = Prompts {
@@ -471,7 +427,7 @@ fn longest_side_geometry() -> Res<()> {
 #[test]
 fn batched_prompts_match_single_rows() -> Res<()> {
     let parts = build_parts("sam2.1_hiera_reduced.safetensors")?;
-    let refs = load(OUTPUTS)?;
+    let refs = load_reference(OUTPUTS)?;
     let features = stored_features(&refs)?;
     let pe = parts.prompt_encoder.get_dense_pe()?;
     let coords = Tensor::new(
@@ -526,14 +482,7 @@ fn batched_prompts_match_single_rows() -> Res<()> {
 fn sam2_decoder_every_var_gets_gradient() -> Res<()> {
     let backend = WeightsBackend::new(Source::Random { seed: 5, std: 0.2 }, |_| true);
     let vb = backend.var_builder(&Device::Cpu);
-    let cfg = DecoderConfig {
-        depth: 2,
-        num_heads: 2,
-        mlp_dim: 24,
-        num_multimask_outputs: 3,
-        iou_head_depth: 3,
-        iou_head_hidden_dim: 16,
-    };
+    let cfg = small_decoder();
     let d = 16;
     let pe = PromptEncoder::new(d, 64, 1024, 16, vb.pp("sam_prompt_encoder"))?;
     let dec = MaskDecoder::new_sam2(&cfg, d, vb.pp("sam_mask_decoder"))?;
@@ -585,8 +534,8 @@ fn sam2_decoder_every_var_gets_gradient() -> Res<()> {
 #[test]
 fn end_to_end_from_png_box_single() -> Res<()> {
     let sam2 = build_sam2("sam2.1_hiera_reduced.safetensors")?;
-    let refs = load(OUTPUTS)?;
-    let img = load_rgb(&fixture("reference/image_300x400.png"))?;
+    let refs = load_reference(OUTPUTS)?;
+    let img = load_rgb(&reference_file("image_300x400.png"))?;
     assert_eq!((img.height, img.width), ORIGINAL);
     let pre = sam2_preprocess(&img.data, img.height, img.width, 1024, &Device::Cpu)?;
     let features = sam2.embed(&pre.input)?;
@@ -608,7 +557,7 @@ fn end_to_end_from_png_box_single() -> Res<()> {
         get(&refs, "high_res_feat_s1")?,
         1e-4,
     )?;
-    let inputs = load("inputs.safetensors")?;
+    let inputs = load_reference("inputs.safetensors")?;
     let prompts = case_prompts(&inputs, false, true, false)?;
     let pred = sam2.predict(
         &features,
@@ -622,28 +571,10 @@ fn end_to_end_from_png_box_single() -> Res<()> {
     Ok(())
 }
 
-fn manifest_shapes(file: &str) -> Res<BTreeMap<String, Vec<usize>>> {
-    let text = std::fs::read_to_string(fixture(&format!("manifests/{file}")))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    let tensors = v["state_dict"]["tensors"].as_array().ok_or("tensor list")?;
-    let mut out = BTreeMap::new();
-    for t in tensors {
-        let key = t["key"].as_str().ok_or("key")?.to_string();
-        let shape = t["shape"]
-            .as_array()
-            .ok_or("shape")?
-            .iter()
-            .map(|d| d.as_u64().map(|d| d as usize).ok_or("dim"))
-            .collect::<Result<Vec<_>, _>>()?;
-        out.insert(key, shape);
-    }
-    Ok(out)
-}
-
 /// Builds `preset` from zeros and compares its keys and shapes with the image-path part of the
 /// official manifest (every key except the video-only ones).
 fn check_manifest(preset: &str, file: &str) -> Res<()> {
-    let all = manifest_shapes(file)?;
+    let all = manifest_shapes(&manifest(file)?)?;
     let video = all
         .keys()
         .filter(|k| SAM2_VIDEO_KEY_PREFIXES.iter().any(|p| k.starts_with(p)))

@@ -1,12 +1,14 @@
 //! SAM 2.1 image path against the official PyTorch outputs of the reduced Hiera fixture:
 //! preprocessing, block schedule, bicubic positional-embedding resize, trunk + neck + conv_s0/s1.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{fixture, stride8};
 use sam2rad_models::checkpoint::{Checkpoint, Source, WeightsBackend};
 use sam2rad_models::config::{EncoderConfig, SamConfig};
 use sam2rad_models::hiera::{resize_bicubic, HieraSchedule};
@@ -14,12 +16,6 @@ use sam2rad_models::preprocess_sam2::{
     resize_bilinear_antialias, sam2_preprocess, sam2_preprocess_longest_side,
 };
 use sam2rad_models::sam2_image_encoder::Sam2ImageEncoder;
-
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(rel)
-}
 
 fn load(rel: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(rel), &Device::Cpu).expect("fixture readable")
@@ -42,29 +38,12 @@ fn image() -> (Vec<u8>, usize, usize) {
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.max(0))
-        .and_then(|t| t.to_scalar())
-        .expect("max")
+    common::max_abs(t).expect("max")
 }
 
 fn max_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    max_abs(&(a - b).expect("diff"))
-}
-
-/// Subsamples `[1, 3, S, S]` as `x[..., off::8, off::8]`.
-fn stride8(x: &Tensor, off: usize) -> Tensor {
-    let s = x.dim(3).expect("dims");
-    let idx = Tensor::new(
-        (off..s).step_by(8).map(|i| i as u32).collect::<Vec<_>>(),
-        &Device::Cpu,
-    )
-    .expect("idx");
-    x.index_select(&idx, 2)
-        .and_then(|t| t.index_select(&idx, 3))
-        .expect("subsample")
+    common::max_abs_diff(a, b).expect("diff")
 }
 
 #[test]
@@ -81,7 +60,7 @@ fn preprocess_matches_sam2_transforms() {
         ("encoder_input_stride8", 0),
         ("encoder_input_stride8_off3", 3),
     ] {
-        let err = max_err(&stride8(&pre.input, off), &refs[name]);
+        let err = max_err(&stride8(&pre.input, off).expect("subsample"), &refs[name]);
         println!("{name}: max |Δ| = {err:e}");
         assert!(err <= 1e-5, "{name}: {err}");
     }

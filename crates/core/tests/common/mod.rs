@@ -1,8 +1,16 @@
-//! Shared helpers of the sam2rad-core tests: tiny base configurations, deterministic noise, inputs.
+//! Shared helpers of the sam2rad-core tests: tiny base configurations, deterministic noise, inputs,
+//! scratch folders, run folders of a tiny random-init model, tensor comparisons.
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
 use candle_core::{DType, Device, Tensor};
+use sam2rad_core::run;
+use sam2rad_core::{DecoderMode, Sam2Rad, Sam2RadConfig};
+use sam2rad_data::layout::{load_sample, Dataset, LoadedSample};
+use sam2rad_models::checkpoint::Source;
 use sam2rad_models::config::{DecoderConfig, EncoderConfig, Family, SamConfig, VitConfig};
 
 pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -75,4 +83,89 @@ pub fn rect_targets(s: usize, rects: &[Option<[usize; 4]>]) -> Res<Tensor> {
         }
     }
     Ok(Tensor::from_vec(v, (rects.len(), 1, s, s), &Device::Cpu)?.to_dtype(DType::F32)?)
+}
+
+/// Max |a − b| over all elements.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Res<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// The scratch folder `sam2rad-<tag>-<pid>-<name>` under the system temp folder, removed if it
+/// exists (not created).
+pub fn scratch(tag: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sam2rad-{tag}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Every sample of `ds` loaded with `classes` classes.
+pub fn samples(ds: &Dataset, classes: usize) -> Res<Vec<LoadedSample>> {
+    Ok(ds
+        .samples
+        .iter()
+        .map(|s| load_sample(s, classes))
+        .collect::<Result<_, _>>()?)
+}
+
+/// Random-init seed of the base model of [`make_run`].
+const RUN_SEED: u64 = 3;
+
+/// Replaces `key` by a tensor of its shape filled with `v`.
+fn fill(t: &mut BTreeMap<String, Tensor>, key: &str, v: f32) -> Res<()> {
+    let old = t
+        .get(key)
+        .ok_or_else(|| format!("no trained tensor `{key}`"))?;
+    let new = Tensor::full(v, old.dims(), &Device::Cpu)?;
+    t.insert(key.to_string(), new);
+    Ok(())
+}
+
+/// Writes a run folder (training's format: best and last checkpoints, config.json) for a tiny
+/// random-init model with `classes` classes. The objectness head always answers `objectness`;
+/// with `fill_logit = Some(v)` every mask logit is the constant `v`-signed value (zero final
+/// upscaling conv with bias 1, hypernetwork bias `v`).
+pub fn make_run(dir: &Path, classes: usize, objectness: f32, fill_logit: Option<f32>) -> Res<()> {
+    let cfg = Sam2RadConfig {
+        num_tokens: 4,
+        decoder: DecoderMode::Lora,
+        ..Sam2RadConfig::new(tiny_sam(), classes)
+    };
+    let model = Sam2Rad::new(
+        &cfg,
+        Source::Init { seed: RUN_SEED },
+        Source::Init { seed: 7 },
+        &Device::Cpu,
+    )?;
+    let mut t = model.trained_tensors();
+    fill(&mut t, "objectness.head.layers.2.weight", 0.0)?;
+    fill(&mut t, "objectness.head.layers.2.bias", objectness)?;
+    if let Some(v) = fill_logit {
+        fill(&mut t, "mask_decoder.output_upscaling.3.weight", 0.0)?;
+        fill(&mut t, "mask_decoder.output_upscaling.3.bias", 1.0)?;
+        fill(
+            &mut t,
+            "mask_decoder.output_hypernetworks_mlps.0.layers.2.weight",
+            0.0,
+        )?;
+        fill(
+            &mut t,
+            "mask_decoder.output_hypernetworks_mlps.0.layers.2.bias",
+            v,
+        )?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let map: HashMap<String, Tensor> = t.into_iter().collect();
+    candle_core::safetensors::save(&map, dir.join(run::BEST_FILE))?;
+    candle_core::safetensors::save(&map, dir.join(run::LAST_FILE))?;
+    let json = serde_json::json!({
+        "format": "sam2rad-run-v1",
+        "model": cfg,
+        "train": {"weights": null, "random_init_seed": RUN_SEED},
+        "base_weights": {"path": null, "identity": format!("init:{RUN_SEED}")},
+    });
+    std::fs::write(
+        dir.join(run::CONFIG_FILE),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    Ok(())
 }
