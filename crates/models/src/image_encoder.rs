@@ -451,19 +451,30 @@ impl Block {
 
     /// `lin2(gelu(lin1(norm2(x))))`, over blocks of tokens to keep the hidden activations small.
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, w, c) = x.dims4()?;
-        let tokens = x.reshape((b * h * w, c))?;
-        let step = (MAX_TEMP_ELEMS / self.lin1.weight().dim(0)?).max(1);
-        let outs = (0..b * h * w)
-            .step_by(step)
-            .map(|t| {
-                let xt = tokens.narrow(0, t, step.min(b * h * w - t))?;
-                let m = self.lin1.forward(&self.norm2.forward(&xt)?)?;
-                self.lin2.forward(&ops::gelu(&m)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&outs, 0)?.reshape((b, h, w, c))
+        token_mlp(x, &self.norm2, &self.lin1, &self.lin2)
     }
+}
+
+/// `fc2(gelu(fc1(norm(x))))` on a BHWC map, applied to blocks of tokens so the hidden activations
+/// never exceed [`MAX_TEMP_ELEMS`] (wide fresh buffers page-fault on every call).
+pub(crate) fn token_mlp(
+    x: &Tensor,
+    norm: &impl Module,
+    fc1: &Linear,
+    fc2: &Linear,
+) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let n = b * h * w;
+    let tokens = x.reshape((n, c))?;
+    let step = (MAX_TEMP_ELEMS / fc1.weight().dim(0)?).max(1);
+    let outs = (0..n)
+        .step_by(step)
+        .map(|t| {
+            let xt = tokens.narrow(0, t, step.min(n - t))?;
+            fc2.forward(&ops::gelu(&fc1.forward(&norm.forward(&xt)?)?)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&outs, 0)?.reshape((b, h, w, c))
 }
 
 /// SAM's ViT image encoder (`ImageEncoderViT`), official state-dict key names.

@@ -7,7 +7,7 @@ use sam2rad_nn::{ops, LayerNorm, LayerNorm2d};
 
 use crate::config::TinyVitConfig;
 use crate::image_encoder::{
-    contiguous_f32, par_rows, window_partition, window_unpartition, MAX_TEMP_ELEMS,
+    contiguous_f32, par_rows, token_mlp, window_partition, window_unpartition, MAX_TEMP_ELEMS,
 };
 
 /// BatchNorm2d eps (PyTorch default).
@@ -461,19 +461,7 @@ impl TinyVitBlock {
 
     /// `fc2(gelu(fc1(norm(x))))`, over blocks of tokens to keep the hidden activations small.
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, w, c) = x.dims4()?;
-        let n = b * h * w;
-        let tokens = x.reshape((n, c))?;
-        let step = (MAX_TEMP_ELEMS / self.fc1.weight().dim(0)?).max(1);
-        let outs = (0..n)
-            .step_by(step)
-            .map(|t| {
-                let xt = tokens.narrow(0, t, step.min(n - t))?;
-                let m = self.fc1.forward(&self.mlp_norm.forward(&xt)?)?;
-                self.fc2.forward(&ops::gelu(&m)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&outs, 0)?.reshape((b, h, w, c))
+        token_mlp(x, &self.mlp_norm, &self.fc1, &self.fc2)
     }
 }
 
