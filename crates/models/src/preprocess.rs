@@ -1,5 +1,7 @@
 //! Official preprocessing: Pillow-exact uint8 bilinear resize, normalisation and padding (SAM,
-//! MobileSAM); MedSAM's square bicubic resize and min-max scaling; image-file loading.
+//! MobileSAM); MedSAM's square bicubic resize and min-max scaling; image-file loading. The resize
+//! is written here because parity needs Pillow's fixed-point arithmetic bit for bit, which no
+//! Rust image crate reproduces.
 
 use std::path::Path;
 
