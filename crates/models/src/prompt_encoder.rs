@@ -4,6 +4,11 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{conv2d, embedding, Conv2d, Conv2dConfig, Embedding, VarBuilder};
 use sam2rad_nn::{ops, LayerNorm2d};
 
+use crate::config::SamConfig;
+
+/// Channels of the mask-prompt downscaler (hard-coded by the official builders).
+const MASK_IN_CHANS: usize = 16;
+
 /// LayerNorm2d eps of the mask downscaler.
 const LN2D_EPS: f64 = 1e-6;
 
@@ -27,6 +32,18 @@ pub struct PromptEncoder {
 }
 
 impl PromptEncoder {
+    /// The prompt encoder of a model configuration (embedding grid and input size from `cfg`,
+    /// the official 16 mask-prompt channels), built from `vb` at its prefix.
+    pub fn from_config(cfg: &SamConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new(
+            cfg.prompt_embed_dim,
+            cfg.embedding_size(),
+            cfg.image_size,
+            MASK_IN_CHANS,
+            vb,
+        )
+    }
+
     /// Loads the prompt encoder (`vb` at `prompt_encoder`); sizes are square (64, 1024 officially).
     pub fn new(
         embed_dim: usize,

@@ -14,9 +14,6 @@ use crate::prompt_encoder::PromptEncoder;
 use crate::sam2::{Sam2, SAM2_VIDEO_KEY_PREFIXES};
 use crate::sam2_image_encoder::Sam2Features;
 
-/// Channels of the mask-prompt downscaler (hard-coded by the official builders).
-pub(crate) const MASK_IN_CHANS: usize = 16;
-
 /// Prompts for one image, in original-image pixels.
 #[derive(Debug, Clone, Default)]
 pub struct Prompts {
@@ -80,13 +77,7 @@ impl Sam {
     /// Builds the model of `cfg` from `vb` at the checkpoint root.
     pub fn new(cfg: &SamConfig, vb: VarBuilder) -> Result<Self> {
         let image_encoder = ImageEncoder::new(cfg, vb.clone())?;
-        let prompt_encoder = PromptEncoder::new(
-            cfg.prompt_embed_dim,
-            cfg.embedding_size(),
-            cfg.image_size,
-            MASK_IN_CHANS,
-            vb.pp("prompt_encoder"),
-        )?;
+        let prompt_encoder = PromptEncoder::from_config(cfg, vb.pp("prompt_encoder"))?;
         let mask_decoder =
             MaskDecoder::new(&cfg.decoder, cfg.prompt_embed_dim, vb.pp("mask_decoder"))?;
         Ok(Self {

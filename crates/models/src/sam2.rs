@@ -9,7 +9,7 @@ use crate::config::SamConfig;
 use crate::mask_decoder::MaskDecoder;
 use crate::postprocess::{apply_boxes, apply_coords, postprocess_masks};
 use crate::prompt_encoder::PromptEncoder;
-use crate::sam::{check_sizes, mask_prompt, Prediction, Prompts, MASK_IN_CHANS};
+use crate::sam::{check_sizes, mask_prompt, Prediction, Prompts};
 use crate::sam2_image_encoder::{Sam2Features, Sam2ImageEncoder};
 
 /// Key prefixes of SAM 2 / 2.1 checkpoints that only the video path uses (memory, object
@@ -49,13 +49,7 @@ impl Sam2 {
     /// [`SAM2_VIDEO_KEY_PREFIXES`], are not read).
     pub fn new(cfg: &SamConfig, vb: VarBuilder) -> Result<Self> {
         let image_encoder = Sam2ImageEncoder::new(cfg, vb.clone())?;
-        let prompt_encoder = PromptEncoder::new(
-            cfg.prompt_embed_dim,
-            cfg.embedding_size(),
-            cfg.image_size,
-            MASK_IN_CHANS,
-            vb.pp("sam_prompt_encoder"),
-        )?;
+        let prompt_encoder = PromptEncoder::from_config(cfg, vb.pp("sam_prompt_encoder"))?;
         let mask_decoder = MaskDecoder::new_sam2(
             &cfg.decoder,
             cfg.prompt_embed_dim,
