@@ -87,6 +87,7 @@ pub fn run(args: Args) -> Result<()> {
         model_name: format!("{} (best epoch {})", run_dir.display(), summary.best_epoch),
         out_dir: args.out.join("eval"),
         overlays: 3,
+        click_worst: Some(0.1),
     };
     let report = evaluate(Target::Sam2Rad(&loaded.model), &test, &opts)?;
     let bone = report
@@ -121,6 +122,14 @@ pub fn run(args: Args) -> Result<()> {
         tn + fp
     );
     println!("    97th-percentile intensity threshold on the same images: Dice {baseline:.3}");
+    if let Some(c) = &report.clicks {
+        println!(
+            "    one corrective click on the worst {} case(s) (semi-autonomous): Dice {:.3} -> {:.3}",
+            c.cases.len(),
+            c.dice_before_mean,
+            c.dice_after_mean
+        );
+    }
     println!(
         "    summary {}, overlays in {}; {:.1} min in all",
         report.summary_path.display(),

@@ -72,6 +72,10 @@ pub struct Args {
     /// Overlays of the N worst and N best cases.
     #[arg(long, value_name = "N", default_value_t = 3)]
     overlays: usize,
+    /// One-click experiment: give this share of the worst cases (e.g. 0.1) one simulated
+    /// corrective click each in semi-autonomous mode and report their Dice before and after.
+    #[arg(long, value_name = "FRACTION", requires = "run")]
+    click_worst: Option<f64>,
 }
 
 /// Evaluates and prints the per-class means and where the files went.
@@ -102,6 +106,7 @@ pub fn run(args: Args) -> Result<()> {
                     .clone()
                     .unwrap_or_else(|| dir.join(format!("eval-{}-{}", dataset.split, mode.name()))),
                 overlays: args.overlays,
+                click_worst: args.click_worst,
             };
             evaluate(Target::Sam2Rad(&run.model), &dataset, &opts)?
         }
@@ -134,6 +139,7 @@ pub fn run(args: Args) -> Result<()> {
                     PathBuf::from(format!("eval-zeroshot-{}-{}", cfg.name, dataset.split))
                 }),
                 overlays: args.overlays,
+                click_worst: None,
             };
             evaluate(Target::ZeroShot(&sam), &dataset, &opts)?
         }
@@ -174,6 +180,15 @@ fn print_report(r: &EvalReport) {
             line += &format!(", {} not prompted (empty ground truth)", c.not_prompted);
         }
         println!("{line}");
+    }
+    if let Some(c) = &r.clicks {
+        println!(
+            "one corrective click on the worst {:.0}% ({} cases): Dice {:.2} -> {:.2}",
+            100.0 * c.fraction,
+            c.cases.len(),
+            100.0 * c.dice_before_mean,
+            100.0 * c.dice_after_mean
+        );
     }
     println!("summary: {}", r.summary_path.display());
     println!("per case: {}", r.csv_path.display());

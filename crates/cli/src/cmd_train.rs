@@ -96,6 +96,12 @@ pub struct Args {
     /// Share of subjects held out for validation [default: 0.1].
     #[arg(long, value_name = "F")]
     val_fraction: Option<f64>,
+    /// Share of all steps spent in linear lr warm-up [default: 0.05].
+    #[arg(long, value_name = "F")]
+    warmup_fraction: Option<f64>,
+    /// Largest global gradient L2 norm [default: 1].
+    #[arg(long, value_name = "NORM")]
+    clip_norm: Option<f64>,
     /// Continue the run in `--out` after its last finished epoch (settings from its config.json).
     #[arg(long)]
     resume: bool,
@@ -183,7 +189,9 @@ fn fresh_config(args: &Args) -> Result<TrainConfig> {
         views,
         lr_prompt,
         lr_decoder,
-        val_fraction
+        val_fraction,
+        warmup_fraction,
+        clip_norm
     );
     cfg.limit_train = args.limit_train;
     if let Some(p) = args.ppn {
@@ -320,6 +328,16 @@ fn resumed_config(args: &Args) -> Result<TrainConfig> {
         "--val-fraction",
         args.val_fraction.map(|v| v.to_string()),
         stored.val_fraction.to_string(),
+    );
+    check(
+        "--warmup-fraction",
+        args.warmup_fraction.map(|v| v.to_string()),
+        stored.warmup_fraction.to_string(),
+    );
+    check(
+        "--clip-norm",
+        args.clip_norm.map(|v| v.to_string()),
+        stored.clip_norm.to_string(),
     );
     if let Some(rest) = conflicts.strip_prefix("; ") {
         bail!(

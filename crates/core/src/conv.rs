@@ -68,8 +68,6 @@ impl ConvNhwc {
             .permute((2, 3, 1, 0))?
             .contiguous()?
             .reshape((self.k * self.k * c, self.out))?;
-        cols.matmul(&kernel)?
-            .broadcast_add(&self.bias)?
-            .reshape((b, h, w, self.out))
+        sam2rad_nn::ops::add_last(&cols.matmul(&kernel)?, &self.bias)?.reshape((b, h, w, self.out))
     }
 }

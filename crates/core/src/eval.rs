@@ -23,6 +23,7 @@ use sam2rad_models::preprocess_sam2;
 use sam2rad_models::sam::{AnySam, Prompts};
 use serde::Serialize;
 
+use crate::clicks::{one_click, ClickReport};
 use crate::infer::{class_colour, predict_classes, Mode, UserPrompts};
 use crate::metrics::{score, summarise, CaseMetrics, ClassSummary, SurfaceOptions};
 use crate::model::Sam2Rad;
@@ -53,6 +54,9 @@ pub struct EvalOptions {
     pub out_dir: PathBuf,
     /// How many worst and how many best cases get an overlay.
     pub overlays: usize,
+    /// Give this share of the worst cases with foreground one corrective click each (auto mode
+    /// of a Sam2Rad model only) and report their Dice before and after.
+    pub click_worst: Option<f64>,
 }
 
 /// Metrics of one (image, class) case.
@@ -102,6 +106,8 @@ pub struct EvalReport {
     pub csv_path: PathBuf,
     /// Overlay PNGs written (worst first, then best).
     pub overlays: Vec<PathBuf>,
+    /// The one-click experiment, when asked for.
+    pub clicks: Option<ClickReport>,
 }
 
 /// A case kept for an overlay.
@@ -176,6 +182,14 @@ pub fn evaluate(target: Target, dataset: &Dataset, opts: &EvalOptions) -> Result
             opts.num_classes.or(dataset.num_classes()).unwrap_or(1)
         }
     };
+    if let Some(f) = opts.click_worst {
+        if !matches!((target, opts.mode), (Target::Sam2Rad(_), Mode::Auto)) {
+            bail!("the one-click experiment needs a trained run in auto mode");
+        }
+        if !(f > 0.0 && f <= 1.0) {
+            bail!("click share {f}: expected a fraction in (0, 1]");
+        }
+    }
     if dataset.samples.is_empty() {
         bail!(
             "data set {}: split {} has no images",
@@ -187,6 +201,8 @@ pub fn evaluate(target: Target, dataset: &Dataset, opts: &EvalOptions) -> Result
     let mut cases = Vec::new();
     let mut per_class: Vec<Vec<CaseMetrics>> = vec![Vec::new(); classes];
     let mut not_prompted = vec![0usize; classes];
+    // (sample, class, Dice) of every scored case with foreground, for the one-click experiment.
+    let mut with_fg: Vec<(usize, usize, f64)> = Vec::new();
     let mut extremes = Extremes {
         k: opts.overlays,
         worst: Vec::new(),
@@ -204,6 +220,9 @@ pub fn evaluate(target: Target, dataset: &Dataset, opts: &EvalOptions) -> Result
             let gt: Vec<bool> = s.mask.iter().map(|&l| l as usize == class + 1).collect();
             let m = score(pred, &gt, s.h, s.w, opts.surface);
             extremes.offer(m.dice, idx, class, pred);
+            if let (Some(d), true) = (m.dice, m.gt_pixels > 0) {
+                with_fg.push((idx, class, d));
+            }
             per_class[class].push(m);
             cases.push(CaseResult {
                 image: sample.id.clone(),
@@ -258,6 +277,15 @@ pub fn evaluate(target: Target, dataset: &Dataset, opts: &EvalOptions) -> Result
             overlays.push(path);
         }
     }
+    let clicks = match (opts.click_worst, target) {
+        (Some(f), Target::Sam2Rad(model)) if !with_fg.is_empty() => {
+            // Stable sort: ties keep image order.
+            with_fg.sort_by(|a, b| a.2.total_cmp(&b.2));
+            let k = ((f * with_fg.len() as f64).ceil() as usize).clamp(1, with_fg.len());
+            Some(one_click(model, dataset, &with_fg[..k], f)?)
+        }
+        _ => None,
+    };
     let report = EvalReport {
         mode: opts.mode.name().to_string(),
         model: opts.model_name.clone(),
@@ -269,6 +297,7 @@ pub fn evaluate(target: Target, dataset: &Dataset, opts: &EvalOptions) -> Result
         summary_path: out.join("summary.json"),
         csv_path,
         overlays,
+        clicks,
     };
     write_text(&report.summary_path, &summary_json(&report, opts)?)?;
     Ok(report)
@@ -454,6 +483,7 @@ fn summary_json(report: &EvalReport, opts: &EvalOptions) -> Result<String> {
             "all": report.cases,
             "mean": mean,
         },
+        "one_click": report.clicks,
     });
     Ok(serde_json::to_string_pretty(&json)? + "\n")
 }

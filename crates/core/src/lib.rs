@@ -1,6 +1,7 @@
 //! sam2rad-core: the Sam2Rad prompt predictor, model assembly, losses, training, metrics and inference.
 
 pub mod cache;
+pub mod clicks;
 pub mod conv;
 pub mod eval;
 pub mod features;

@@ -2,7 +2,7 @@
 //! image features through SAM-style two-way blocks and become a box, a mask prompt and N−2 free
 //! tokens per (image, class) row, all expressed through the frozen prompt encoder.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -104,7 +104,7 @@ pub struct PromptPredictor {
     /// 1-D sine code of the token index, `[1, N, D]`.
     query_pe: Tensor,
     /// 1×1 projection of each level to D channels (hierarchical only).
-    proj: Vec<candle_nn::Linear>,
+    proj: Vec<sam2rad_nn::Linear>,
     /// 2-D sine key code of each level at its expected side, `[1, h·w, D]`.
     key_pe: Vec<Tensor>,
     blocks: Vec<TwoWayAttentionBlock>,
@@ -146,7 +146,7 @@ impl PromptPredictor {
         let n_blocks = cfg.variant.num_blocks();
         let proj = match cfg.variant {
             PpnVariant::Hierarchical => (0..n_blocks)
-                .map(|i| candle_nn::linear(cfg.level_channels[i], d, vb.pp(format!("proj.{i}"))))
+                .map(|i| sam2rad_nn::linear(cfg.level_channels[i], d, vb.pp(format!("proj.{i}"))))
                 .collect::<Result<Vec<_>>>()?,
             PpnVariant::Single => Vec::new(),
         };
@@ -220,21 +220,13 @@ impl PromptPredictor {
             };
             let (_, c, h, w) = level.dims4()?;
             // Project per image, then pick rows: the projection does not depend on the class.
+            let flat = level.flatten_from(2)?.transpose(1, 2)?;
             let map = match self.proj.get(i) {
-                Some(p) => {
-                    let flat = level.flatten_from(2)?;
-                    let y = p.weight().broadcast_matmul(&flat)?;
-                    let bias = p.bias().ok_or_else(|| {
-                        candle_core::Error::Msg("PPN projection has no bias".into())
-                    })?;
-                    y.broadcast_add(&bias.reshape((1, d, 1))?)?
-                }
-                None if c == d => level.flatten_from(2)?,
+                Some(p) => p.forward(&flat)?,
+                None if c == d => flat,
                 None => candle_core::bail!("PPN: the embedding has {c} channels, expected {d}"),
             };
-            let mut tokens = select_rows(&map, rows.image())?
-                .transpose(1, 2)?
-                .contiguous()?;
+            let mut tokens = select_rows(&map, rows.image())?.contiguous()?;
             if let Some((prev, ph, pw)) = &keys {
                 // The previous level's updated keys, nearest-upsampled to this level and added
                 // (same size, as for every SAM 1 level: added directly in token layout).

@@ -67,7 +67,8 @@ use crate::cache::{content_key, model_key, view_key, weights_identity, Embedding
 use crate::features::{extract, Features, Rows};
 use crate::input::{class_target, preprocess};
 use crate::loss::{sam2rad_loss, LossConfig};
-use crate::metrics::{distance_transform, score};
+use crate::clicks::{corrective_click, deepest_point};
+use crate::metrics::score;
 use crate::model::{DecoderMode, Phase, PpnVariant, RowPrompts, Sam2Rad, Sam2RadConfig};
 use crate::plot;
 pub use crate::run::{BEST_FILE, CONFIG_FILE, LAST_FILE};
@@ -1339,37 +1340,6 @@ fn crop_dice(pred: &[bool], target: &[f32], s: usize, ih: usize, iw: usize) -> O
     (p + t > 0).then(|| 2.0 * inter as f64 / (p + t) as f64)
 }
 
-/// The pixel (x, y) of the top-left `ih × iw` part of an S×S `region` that lies farthest from
-/// the region's border (the crop edge counts as border); None for an empty region. Ties: first
-/// in row-major order.
-fn deepest_point(region: &[bool], s: usize, ih: usize, iw: usize) -> Option<(usize, usize)> {
-    let (ph, pw) = (ih + 2, iw + 2);
-    let mut outside = vec![true; ph * pw];
-    let mut any = false;
-    for y in 0..ih {
-        for x in 0..iw {
-            if region[y * s + x] {
-                outside[(y + 1) * pw + x + 1] = false;
-                any = true;
-            }
-        }
-    }
-    if !any {
-        return None;
-    }
-    let dist = distance_transform(&outside, ph, pw, (1.0, 1.0));
-    let mut best: Option<(f64, (usize, usize))> = None;
-    for y in 0..ih {
-        for x in 0..iw {
-            let d = dist[(y + 1) * pw + x + 1];
-            if region[y * s + x] && best.is_none_or(|(b, _)| d > b) {
-                best = Some((d, (x, y)));
-            }
-        }
-    }
-    best.map(|(_, p)| p)
-}
-
 /// Inclusive pixel box `[x0, y0, x1, y1]` of an S×S target, or None when empty.
 fn target_box(target: &[f32], s: usize) -> Option<[usize; 4]> {
     let mut b: Option<[usize; 4]> = None;
@@ -1432,20 +1402,8 @@ fn mixed_prompts(ctx: &Ctx, model: &Sam2Rad, batch: &Batch, e: u64, g: u64) -> R
             for (row, p) in pred.iter().enumerate() {
                 let (ih, iw) = batch.input_sizes[batch.rows.image()[row]];
                 let gt: Vec<bool> = batch.targets[row].iter().map(|&v| v > 0.5).collect();
-                let fn_region: Vec<bool> = gt.iter().zip(p).map(|(&g, &q)| g && !q).collect();
-                let fp_region: Vec<bool> = gt.iter().zip(p).map(|(&g, &q)| q && !g).collect();
-                let count = |m: &[bool]| {
-                    (0..ih)
-                        .map(|y| m[y * s..y * s + iw].iter().filter(|v| **v).count())
-                        .sum::<usize>()
-                };
-                let (region, label) = if count(&fn_region) >= count(&fp_region) {
-                    (fn_region, 1)
-                } else {
-                    (fp_region, 0)
-                };
-                match deepest_point(&region, s, ih, iw) {
-                    Some((x, y)) => {
+                match corrective_click(p, &gt, s, ih, iw) {
+                    Some((x, y, label)) => {
                         xy.extend([x as f32, y as f32]);
                         labels.push(label);
                     }
@@ -1557,23 +1515,6 @@ pub fn evaluate_dice(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn deepest_point_is_the_centre_of_a_square() {
-        let s = 16;
-        let mut region = vec![false; s * s];
-        for y in 2..9 {
-            for x in 4..11 {
-                region[y * s + x] = true;
-            }
-        }
-        assert_eq!(deepest_point(&region, s, 12, 12), Some((7, 5)));
-        // The crop edge is a border: in a full 3×5 crop the middle row is deepest (distance 2 at
-        // x = 1, 2, 3); ties go to the first in row-major order.
-        let full = vec![true; s * s];
-        assert_eq!(deepest_point(&full, s, 3, 5), Some((1, 1)));
-        assert_eq!(deepest_point(&vec![false; s * s], s, 8, 8), None);
-    }
 
     #[test]
     fn prompt_mix_follows_the_probabilities() {

@@ -52,6 +52,7 @@ fn options(mode: Mode, out: &Path) -> EvalOptions {
         model_name: "test".into(),
         out_dir: out.to_path_buf(),
         overlays: 3,
+        click_worst: None,
     }
 }
 

@@ -3,8 +3,8 @@
 //! head and the stability-based single-mask choice).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{embedding, linear, Embedding, Linear, VarBuilder};
-use sam2rad_nn::{ops, ConvTranspose2x2, LayerNorm2d};
+use candle_nn::{embedding, Embedding, VarBuilder};
+use sam2rad_nn::{linear, ops, ConvTranspose2x2, LayerNorm2d, Linear};
 
 use crate::config::DecoderConfig;
 use crate::transformer::{MlpNames, TwoWayTransformer};

@@ -2,8 +2,8 @@
 //! to the tokens (`TwoWayTransformer`, `TwoWayAttentionBlock`, `Attention` of the official code).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{linear, Linear, VarBuilder};
-use sam2rad_nn::{ops, LayerNorm};
+use candle_nn::VarBuilder;
+use sam2rad_nn::{linear, ops, LayerNorm, Linear};
 
 /// PyTorch's default LayerNorm eps, used by every norm of the decoder transformer.
 const LN_EPS: f64 = 1e-5;

@@ -55,6 +55,58 @@ impl Module for LayerNorm2d {
     }
 }
 
+/// A linear layer (candle's, same keys and init) whose bias gradient is a matmul
+/// ([`ops::add_last`]) when the bias is trained.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    /// A linear layer from `weight` [out, in] and an optional `bias` [out].
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            inner: candle_nn::Linear::new(weight, bias),
+        }
+    }
+
+    /// The weight [out, in].
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// The bias [out], if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.inner.bias() {
+            Some(b) if b.track_op() => {
+                let w = self.inner.weight();
+                let (out, k) = w.dims2()?;
+                let rows = x.elem_count() / k.max(1);
+                let mut shape = x.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = out;
+                }
+                let y = x.contiguous()?.reshape((rows, k))?.matmul(&w.t()?)?;
+                ops::add_last(&y, b)?.reshape(shape)
+            }
+            _ => self.inner.forward(x),
+        }
+    }
+}
+
+/// Loads a linear layer `in → out` with bias (keys `weight`, `bias`), like `candle_nn::linear`.
+pub fn linear(inp: usize, out: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear {
+        inner: candle_nn::linear(inp, out, vb)?,
+    })
+}
+
 /// U(−1/√fan_in, 1/√fan_in), PyTorch's default init for (transposed) convolutions.
 fn uniform(fan_in: usize) -> candle_nn::Init {
     let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
@@ -89,14 +141,18 @@ impl Module for ConvTranspose2x2 {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let o = self.out;
-        // [n, h·w, c] @ [c, o·4] -> [n, h, w, o, 2, 2] -> [n, o, h, 2, w, 2]
-        let tokens = x.flatten_from(2)?.transpose(1, 2)?;
+        // [n·h·w, c] @ [c, o·4] -> [n, h, w, o, 2, 2] -> [n, o, h, 2, w, 2]
+        let tokens = x
+            .flatten_from(2)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n * h * w, c))?;
         let kernel = self.weight.reshape((c, o * 4))?;
-        let y = tokens.broadcast_matmul(&kernel)?;
+        let y = tokens.matmul(&kernel)?;
         let y = y
             .reshape((n, h, w, o, 2, 2))?
             .permute((0, 3, 1, 4, 2, 5))?
             .reshape((n, o, 2 * h, 2 * w))?;
-        y.broadcast_add(&self.bias.reshape((1, o, 1, 1))?)
+        ops::add_channels(&y, &self.bias)
     }
 }

@@ -9,4 +9,4 @@ pub mod loss;
 pub mod ops;
 pub mod optim;
 
-pub use layers::{ConvTranspose2x2, LayerNorm, LayerNorm2d};
+pub use layers::{linear, ConvTranspose2x2, LayerNorm, LayerNorm2d, Linear};

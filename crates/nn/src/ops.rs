@@ -20,18 +20,75 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     let xc = x.broadcast_sub(&mu)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    xn.broadcast_mul(w)?.broadcast_add(b)
+    add_last(&mul_last(&xn, w)?, b)
 }
 
 /// LayerNorm over the channel dimension of an NCHW tensor (SAM's `LayerNorm2d`).
 pub fn layer_norm2d(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let c = w.dim(0)?;
     let mu = x.mean_keepdim(1)?;
     let xc = x.broadcast_sub(&mu)?;
     let var = xc.sqr()?.mean_keepdim(1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    xn.broadcast_mul(&w.reshape((1, c, 1, 1))?)?
-        .broadcast_add(&b.reshape((1, c, 1, 1))?)
+    add_channels(&mul_channels(&xn, w)?, b)
+}
+
+/// `p` ([D]) repeated over `rows` rows as `[rows, D]`, built as `ones[rows, 1] @ p[1, D]` so
+/// that its backward is one matmul. candle reduces a broadcast's gradient over leading dims
+/// with a per-element divide loop, which dominated the training step.
+fn tile_rows(p: &Tensor, rows: usize) -> Result<Tensor> {
+    let d = p.elem_count();
+    let ones = Tensor::ones((rows, 1), p.dtype(), p.device())?;
+    ones.matmul(&p.reshape((1, d))?)
+}
+
+/// `p` ([C]) repeated as `[N, C, H·W]` for an NCHW tensor, with a matmul backward.
+fn tile_channels(p: &Tensor, n: usize, hw: usize) -> Result<Tensor> {
+    let c = p.elem_count();
+    let col = p.reshape((1, c))?.repeat((n, 1))?.reshape((n * c, 1))?;
+    let ones = Tensor::ones((1, hw), p.dtype(), p.device())?;
+    col.matmul(&ones)?.reshape((n, c, hw))
+}
+
+/// `x + b` with `b` ([D]) broadcast over the last dimension of `x`.
+pub fn add_last(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !b.track_op() {
+        return x.broadcast_add(b);
+    }
+    let d = b.elem_count();
+    x.add(&tile_rows(b, x.elem_count() / d.max(1))?.reshape(x.shape())?)
+}
+
+/// `x · w` with `w` ([D]) broadcast over the last dimension of `x`.
+pub fn mul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !w.track_op() {
+        return x.broadcast_mul(w);
+    }
+    let d = w.elem_count();
+    x.mul(&tile_rows(w, x.elem_count() / d.max(1))?.reshape(x.shape())?)
+}
+
+/// `x + b` with `b` ([C]) broadcast over the channels of an NCHW (or NC…) tensor `x`.
+pub fn add_channels(x: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (n, c) = (x.dim(0)?, b.elem_count());
+    if !b.track_op() {
+        let mut shape = vec![1; x.rank()];
+        shape[1] = c;
+        return x.broadcast_add(&b.reshape(shape)?);
+    }
+    let hw = x.elem_count() / (n * c).max(1);
+    x.add(&tile_channels(b, n, hw)?.reshape(x.shape())?)
+}
+
+/// `x · w` with `w` ([C]) broadcast over the channels of an NCHW (or NC…) tensor `x`.
+pub fn mul_channels(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, c) = (x.dim(0)?, w.elem_count());
+    if !w.track_op() {
+        let mut shape = vec![1; x.rank()];
+        shape[1] = c;
+        return x.broadcast_mul(&w.reshape(shape)?);
+    }
+    let hw = x.elem_count() / (n * c).max(1);
+    x.mul(&tile_channels(w, n, hw)?.reshape(x.shape())?)
 }
 
 /// Exact (erf) GELU, `x·½·(1+erf(x/√2))`, as PyTorch's `nn.GELU()` default. Without gradient
