@@ -11,7 +11,7 @@ use sam2rad_core::infer::Mode;
 use sam2rad_core::run::{self, Which};
 use sam2rad_core::train::{train, BaseModel, TrainConfig};
 use sam2rad_core::DecoderMode;
-use sam2rad_data::layout::{load_sample, Dataset};
+use sam2rad_data::layout::{self, load_sample, Dataset};
 use sam2rad_data::phantom::{generate, PhantomConfig};
 
 /// Options of `sam2rad demo` (every one has a default).
@@ -26,9 +26,10 @@ pub struct Args {
     /// Test phantoms.
     #[arg(long, default_value_t = 50)]
     test: usize,
-    /// Training epochs.
-    #[arg(long, default_value_t = 16)]
-    epochs: usize,
+    /// Training epochs [default: as many as make about 370 steps of 4 images, 16 for the
+    /// default 90 training images].
+    #[arg(long)]
+    epochs: Option<usize>,
     /// Train on only this many labelled images (few-shot).
     #[arg(long)]
     limit_train: Option<usize>,
@@ -60,15 +61,23 @@ pub fn run(args: Args) -> Result<()> {
     let mut cfg = TrainConfig::new(data.clone(), BaseModel::Preset("sam-vit-mini".into()), None);
     cfg.random_init_seed = Some(args.seed);
     cfg.seed = args.seed;
-    cfg.epochs = args.epochs;
     cfg.limit_train = args.limit_train;
+    // Few-shot runs see each image many times: cache augmented views so they do not memorise
+    // one rendering of each.
+    let n_train = training_images(&cfg)?;
+    cfg.views = if n_train <= FEW_SHOT_IMAGES { 4 } else { 1 };
+    cfg.epochs = args
+        .epochs
+        .unwrap_or_else(|| STEP_BUDGET.div_ceil(n_train.div_ceil(cfg.batch).max(1)));
     // A random-init decoder has nothing worth keeping frozen: train all of it.
     cfg.decoder = DecoderMode::Full;
     // Random weights start far from a solution: the SPEC's fine-tuning rates (1e-4 / 1e-5) are
     // for official weights; here both groups learn faster.
     cfg.lr_prompt = 3e-3;
-    cfg.lr_decoder = 3e-3;
-    cfg.views = 1;
+    cfg.lr_decoder = 1e-3;
+    // A random decoder hit with full-size Adam steps at once stalls on empty masks for ~100
+    // steps; a longer warm-up avoids it.
+    cfg.warmup_fraction = 0.15;
     let resume = run_dir.join("last.state.safetensors").exists();
     println!(
         "2/3 training sam-vit-mini (random init) into {}",
@@ -137,6 +146,22 @@ pub fn run(args: Args) -> Result<()> {
         t0.elapsed().as_secs_f64() / 60.0
     );
     Ok(())
+}
+
+/// Training steps of the demo when `--epochs` is not given (16 epochs of 90 images, batch 4).
+const STEP_BUDGET: usize = 368;
+/// Up to this many training images count as few-shot (4 cached augmented views each).
+const FEW_SHOT_IMAGES: usize = 25;
+
+/// Training images left after `--limit-train` and the validation split, as `train` will see.
+fn training_images(cfg: &TrainConfig) -> Result<usize> {
+    let ds = Dataset::open(&cfg.data, "Train")?;
+    let samples = match cfg.limit_train {
+        Some(n) => layout::limit(&ds.samples, n, cfg.seed),
+        None => ds.samples.clone(),
+    };
+    let (train, _) = layout::split_by_subject(&samples, cfg.val_fraction, cfg.seed);
+    Ok(train.len())
 }
 
 /// Mean Dice of "pixel above the image's 97th percentile" against the bone mask, over the test

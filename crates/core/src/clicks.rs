@@ -60,7 +60,12 @@ pub fn corrective_click(
     let extra: Vec<bool> = gt.iter().zip(pred).map(|(&g, &p)| p && !g).collect();
     let count = |m: &[bool]| {
         (0..ih)
-            .map(|y| m[y * stride..y * stride + iw].iter().filter(|v| **v).count())
+            .map(|y| {
+                m[y * stride..y * stride + iw]
+                    .iter()
+                    .filter(|v| **v)
+                    .count()
+            })
             .sum::<usize>()
     };
     let (region, label) = if count(&missed) >= count(&extra) {
@@ -110,7 +115,12 @@ pub fn one_click(
     fraction: f64,
 ) -> Result<ClickReport> {
     let classes = model.config().num_classes;
-    let dev = model.base().prompt_encoder().get_dense_pe()?.device().clone();
+    let dev = model
+        .base()
+        .prompt_encoder()
+        .get_dense_pe()?
+        .device()
+        .clone();
     let mut cases = Vec::with_capacity(worst.len());
     for &(idx, class, before) in worst {
         let sample = &dataset.samples[idx];

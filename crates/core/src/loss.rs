@@ -42,10 +42,6 @@ pub struct LossConfig {
     pub dice_focal_weight: f64,
     /// Smoothing of the soft Dice (1).
     pub dice_smooth: f64,
-    /// Score masks at the logits' resolution against area-averaged (soft) targets instead of
-    /// upsampling the logits to the targets' size: 16× fewer loss pixels for SAM's 4× upscale
-    /// (off: the authors' full-size loss).
-    pub low_res: bool,
 }
 
 impl Default for LossConfig {
@@ -59,7 +55,6 @@ impl Default for LossConfig {
             dice: true,
             dice_focal_weight: 10.0,
             dice_smooth: 1.0,
-            low_res: false,
         }
     }
 }
@@ -123,15 +118,11 @@ pub fn bbox_of_mask(masks: &Tensor) -> Result<Vec<Option<[f32; 4]>>> {
 fn seg_loss(logits: &Tensor, targets: &Tensor, cfg: &LossConfig) -> Result<Tensor> {
     let (_, _, h, w) = targets.dims4()?;
     let (_, _, lh, lw) = logits.dims4()?;
-    let k = h / lh.max(1);
-    let (up, targets) = if (lh, lw) == (h, w) {
-        (logits.clone(), targets.clone())
-    } else if cfg.low_res && k > 1 && (lh * k, lw * k) == (h, w) && w / lw == k {
-        (logits.clone(), targets.avg_pool2d(k)?)
+    let up = if (lh, lw) == (h, w) {
+        logits.clone()
     } else {
-        (ops::resize_bilinear(logits, h, w)?, targets.clone())
+        ops::resize_bilinear(logits, h, w)?
     };
-    let targets = &targets;
     let focal = mean_or_zero(&sigmoid_focal_loss(
         &up,
         targets,

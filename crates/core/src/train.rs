@@ -64,10 +64,10 @@ use sam2rad_nn::optim::{clip_grad_norm, AdamW, AdamWConfig, CosineSchedule, Para
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{content_key, model_key, view_key, weights_identity, EmbeddingCache};
+use crate::clicks::{corrective_click, deepest_point};
 use crate::features::{extract, Features, Rows};
 use crate::input::{class_target, preprocess};
 use crate::loss::{sam2rad_loss, LossConfig};
-use crate::clicks::{corrective_click, deepest_point};
 use crate::metrics::score;
 use crate::model::{DecoderMode, Phase, PpnVariant, RowPrompts, Sam2Rad, Sam2RadConfig};
 use crate::plot;

@@ -151,6 +151,60 @@ fn report_files_are_consistent() -> Res<()> {
 }
 
 #[test]
+fn one_click_experiment_clicks_into_the_worst_errors() -> Res<()> {
+    let base = scratch("one_click");
+    let ds = phantoms(
+        &base.join("data"),
+        vec![PhantomClass::Bone, PhantomClass::Bursa],
+        6,
+    )?;
+    make_run(&base.join("run"), 2, 5.0, None)?;
+    let run = run::load(&base.join("run"), Which::Best, None, &DEV)?;
+    let out = base.join("out");
+    let mut opts = options(Mode::Auto, &out);
+    opts.click_worst = Some(0.5);
+    let report = evaluate(Target::Sam2Rad(&run.model), &ds, &opts)?;
+    let clicks = report.clicks.as_ref().ok_or("no one-click report")?;
+    // The worst half of the scored cases with foreground, worst first.
+    let mut fg: Vec<f64> = report
+        .cases
+        .iter()
+        .filter(|c| c.metrics.gt_pixels > 0)
+        .filter_map(|c| c.metrics.dice)
+        .collect();
+    fg.sort_by(f64::total_cmp);
+    assert!(!fg.is_empty());
+    assert_eq!(clicks.cases.len(), fg.len().div_ceil(2));
+    let before: Vec<f64> = clicks.cases.iter().map(|c| c.dice_before).collect();
+    assert_eq!(before, fg[..before.len()].to_vec());
+    for c in &clicks.cases {
+        // A positive click lands on the class, a negative one off it.
+        let sample = ds.samples.iter().find(|s| s.id == c.image).ok_or("case")?;
+        let s = sam2rad_data::layout::load_sample(sample, 2)?;
+        let [x, y] = c.click;
+        assert_eq!(s.mask[y * s.w + x] as usize == c.class, c.positive, "{c:?}");
+        assert!((0.0..=1.0).contains(&c.dice_after));
+    }
+    let json = check_files(&report, &out)?;
+    let listed = json["one_click"]["cases"].as_array().ok_or("one_click")?;
+    assert_eq!(listed.len(), clicks.cases.len());
+    // Only a trained run in auto mode can take clicks.
+    let err = evaluate(
+        Target::Sam2Rad(&run.model),
+        &ds,
+        &EvalOptions {
+            click_worst: Some(0.1),
+            ..options(Mode::Box, &base.join("box"))
+        },
+    )
+    .err()
+    .ok_or("box mode accepted the click experiment")?;
+    assert!(err.to_string().contains("auto mode"), "{err}");
+    let _ = std::fs::remove_dir_all(&base);
+    Ok(())
+}
+
+#[test]
 fn protocol_on_crafted_predictions() -> Res<()> {
     let base = scratch("protocol");
     let ds = phantoms(

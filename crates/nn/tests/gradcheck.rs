@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Result, Tensor, Var};
 use candle_nn::VarBuilder;
-use sam2rad_nn::{loss, ops, ConvTranspose2x2, LayerNorm, LayerNorm2d};
+use sam2rad_nn::{loss, ops, ConvTranspose2x2, LayerNorm, LayerNorm2d, Linear};
 
 /// Half-width of the central difference.
 const FD_EPS: f64 = 1e-6;
@@ -146,6 +146,49 @@ fn grad_layer_norm_module() {
         ]);
         let vb = VarBuilder::from_tensors(ts, DType::F64, &Device::Cpu);
         LayerNorm::new(6, 1e-5, vb)?.forward(&t[0])
+    });
+}
+
+#[test]
+fn grad_parameter_broadcasts() {
+    let mut rng = Rng(21);
+    let x = rng.tensor_normal(&[2, 3, 4]);
+    let p = rng.tensor_normal(&[4]);
+    check_grads("add_last", &[x.clone(), p.clone()], |t| {
+        ops::add_last(&t[0], &t[1])
+    });
+    check_grads("mul_last", &[x.clone(), p.clone()], |t| {
+        ops::mul_last(&t[0], &t[1])
+    });
+    let c = rng.tensor_normal(&[3]);
+    let x4 = rng.tensor_normal(&[2, 3, 2, 5]);
+    check_grads("add_channels", &[x4.clone(), c.clone()], |t| {
+        ops::add_channels(&t[0], &t[1])
+    });
+    check_grads("mul_channels", &[x4.clone(), c.clone()], |t| {
+        ops::mul_channels(&t[0], &t[1])
+    });
+    // The tracked (tiled) path computes the same values as a plain broadcast.
+    let pv = Var::from_tensor(&p).unwrap();
+    let tiled = ops::mul_last(&x, pv.as_tensor()).unwrap();
+    let plain = x.broadcast_mul(&p).unwrap();
+    let diff = (tiled - plain).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+    let cv = Var::from_tensor(&c).unwrap();
+    let tiled = ops::add_channels(&x4, cv.as_tensor()).unwrap();
+    let plain = x4.broadcast_add(&c.reshape((1, 3, 1, 1)).unwrap()).unwrap();
+    let diff = (tiled - plain).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f64>().unwrap() < 1e-12);
+}
+
+#[test]
+fn grad_linear() {
+    let mut rng = Rng(22);
+    let x = rng.tensor_normal(&[2, 3, 5]);
+    let w = rng.tensor_normal(&[4, 5]);
+    let b = rng.tensor_normal(&[4]);
+    check_grads("Linear", &[x, w, b], |t| {
+        Linear::new(t[1].clone(), Some(t[2].clone())).forward(&t[0])
     });
 }
 
