@@ -84,6 +84,11 @@ impl UserPrompts {
         self.points.is_empty() && self.boxes.is_none() && self.mask.is_none()
     }
 
+    /// True when a prompt says the object is there: a positive click, a box or a mask.
+    fn asserts_object(&self) -> bool {
+        self.boxes.is_some() || self.mask.is_some() || self.points.iter().any(|p| p.2 == 1)
+    }
+
     /// The prompts `mode` reads: none in auto mode, the box only in the box modes.
     fn for_mode(&self, mode: Mode) -> UserPrompts {
         match mode {
@@ -269,8 +274,11 @@ pub(crate) fn predict_classes(
             .transpose()?;
         for (i, &class) in classes.iter().enumerate() {
             object[class] = obj[i];
-            // Objectness gating: a negative logit means "no such object" (SPEC §2.4).
-            if obj[i] >= 0.0 {
+            // Objectness gating: a negative logit means "no such object" (SPEC §2.4). In
+            // semi-autonomous mode a positive click, a box or a mask from the user overrules the
+            // learned abstention (manual mode keeps SAM 2's official gating).
+            let asserted = mode == Mode::Semi && prompts[class].asserts_object();
+            if obj[i] >= 0.0 || asserted {
                 low_res[class] = out.mask_logits.narrow(0, i, 1)?;
             }
             boxes[class] = pred_boxes.as_ref().map(|b| {

@@ -182,6 +182,18 @@ fn negative_objectness_empties_every_class() -> Res<()> {
         let logits = p.class_logits.flatten_all()?.to_vec1::<f32>()?;
         assert!(logits.iter().all(|&v| v == EMPTY_LOGIT));
     }
+    // Semi-autonomous: a positive click overrules the abstention, a negative one does not.
+    let click = |label| UserPrompts {
+        points: vec![(20.0, 20.0, label)],
+        ..UserPrompts::default()
+    };
+    let p = predict_image(&model, &rgb, h, w, Mode::Semi, &click(1))?;
+    assert!(
+        p.labels.iter().all(|&l| l == 1),
+        "a positive click was gated"
+    );
+    let p = predict_image(&model, &rgb, h, w, Mode::Semi, &click(0))?;
+    assert!(p.labels.iter().all(|&l| l == 0), "a negative click ungated");
     let _ = std::fs::remove_dir_all(&present);
     let _ = std::fs::remove_dir_all(&gated);
     Ok(())
