@@ -11,7 +11,7 @@ use sam2rad_core::infer::Mode;
 use sam2rad_core::run::{self, Which};
 use sam2rad_core::train::{train, BaseModel, TrainConfig};
 use sam2rad_core::DecoderMode;
-use sam2rad_data::layout::{self, load_sample, Dataset};
+use sam2rad_data::layout::{load_sample, Dataset};
 use sam2rad_data::phantom::{generate, PhantomConfig};
 
 /// Options of `sam2rad demo` (every one has a default).
@@ -64,7 +64,7 @@ pub fn run(args: Args) -> Result<()> {
     cfg.limit_train = args.limit_train;
     // Few-shot runs see each image many times: cache augmented views so they do not memorise
     // one rendering of each.
-    let n_train = training_images(&cfg)?;
+    let n_train = cfg.split()?.0.len();
     cfg.views = if n_train <= FEW_SHOT_IMAGES { 4 } else { 1 };
     cfg.epochs = args
         .epochs
@@ -152,17 +152,6 @@ pub fn run(args: Args) -> Result<()> {
 const STEP_BUDGET: usize = 368;
 /// Up to this many training images count as few-shot (4 cached augmented views each).
 const FEW_SHOT_IMAGES: usize = 25;
-
-/// Training images left after `--limit-train` and the validation split, as `train` will see.
-fn training_images(cfg: &TrainConfig) -> Result<usize> {
-    let ds = Dataset::open(&cfg.data, "Train")?;
-    let samples = match cfg.limit_train {
-        Some(n) => layout::limit(&ds.samples, n, cfg.seed),
-        None => ds.samples.clone(),
-    };
-    let (train, _) = layout::split_by_subject(&samples, cfg.val_fraction, cfg.seed);
-    Ok(train.len())
-}
 
 /// Mean Dice of "pixel above the image's 97th percentile" against the bone mask, over the test
 /// images that contain bone (the naive baseline the phantoms must defeat).

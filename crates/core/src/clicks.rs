@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use sam2rad_data::layout::{load_sample, Dataset};
 use serde::Serialize;
 
-use crate::infer::{predict_classes, Mode, UserPrompts};
+use crate::infer::{model_device, predict_classes, Mode, UserPrompts};
 use crate::metrics::{distance_transform, score};
 use crate::model::Sam2Rad;
 
@@ -115,12 +115,7 @@ pub fn one_click(
     fraction: f64,
 ) -> Result<ClickReport> {
     let classes = model.config().num_classes;
-    let dev = model
-        .base()
-        .prompt_encoder()
-        .get_dense_pe()?
-        .device()
-        .clone();
+    let dev = model_device(model)?;
     let mut cases = Vec::with_capacity(worst.len());
     for &(idx, class, before) in worst {
         let sample = &dataset.samples[idx];

@@ -24,7 +24,7 @@ use sam2rad_models::sam::{AnySam, Prompts};
 use serde::Serialize;
 
 use crate::clicks::{one_click, ClickReport};
-use crate::infer::{class_colour, predict_classes, Mode, UserPrompts};
+use crate::infer::{class_colour, model_device, predict_classes, Mode, UserPrompts};
 use crate::metrics::{score, summarise, CaseMetrics, ClassSummary, SurfaceOptions};
 use crate::model::Sam2Rad;
 
@@ -330,12 +330,7 @@ fn predict_sample(
     let boxes = gt_boxes(&s.mask, s.h, s.w, classes);
     match target {
         Target::Sam2Rad(model) => {
-            let dev = model
-                .base()
-                .prompt_encoder()
-                .get_dense_pe()?
-                .device()
-                .clone();
+            let dev = model_device(model)?;
             let pre = crate::input::preprocess(&model.config().base, &s.rgb, s.h, s.w, &dev)?;
             let prompts: Vec<UserPrompts> = boxes
                 .iter()

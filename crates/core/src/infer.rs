@@ -308,7 +308,7 @@ pub(crate) fn predict_classes(
 }
 
 /// The device of the model's parameters.
-fn model_device(model: &Sam2Rad) -> Result<candle_core::Device> {
+pub(crate) fn model_device(model: &Sam2Rad) -> Result<candle_core::Device> {
     Ok(model
         .base()
         .prompt_encoder()

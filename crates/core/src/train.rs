@@ -350,6 +350,21 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The training and validation samples: the `Train` split of `data`, cut to `limit_train`
+    /// images picked with the seed, then split by subject.
+    pub fn split(&self) -> Result<(Vec<layout::Sample>, Vec<layout::Sample>)> {
+        let ds = Dataset::open(&self.data, "Train")?;
+        let samples = match self.limit_train {
+            Some(n) => layout::limit(&ds.samples, n, self.seed),
+            None => ds.samples,
+        };
+        Ok(layout::split_by_subject(
+            &samples,
+            self.val_fraction,
+            self.seed,
+        ))
+    }
+
     /// The model description this configuration trains.
     pub fn model_config(&self) -> Result<Sam2RadConfig> {
         let cfg = Sam2RadConfig {
@@ -666,12 +681,7 @@ pub fn train(
     let s = base_cfg.image_size;
 
     // Data: every image and mask read (and validated) up front.
-    let ds = Dataset::open(&cfg.data, "Train")?;
-    let samples = match cfg.limit_train {
-        Some(n) => layout::limit(&ds.samples, n, cfg.seed),
-        None => ds.samples.clone(),
-    };
-    let (train_s, val_s) = layout::split_by_subject(&samples, cfg.val_fraction, cfg.seed);
+    let (train_s, val_s) = cfg.split()?;
     ensure!(
         !train_s.is_empty(),
         "no training images left after the validation split of {}",

@@ -32,63 +32,50 @@ pub fn layer_norm2d(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tens
     add_channels(&mul_channels(&xn, w)?, b)
 }
 
-/// `p` ([D]) repeated over `rows` rows as `[rows, D]`, built as `ones[rows, 1] @ p[1, D]` so
-/// that its backward is one matmul. candle reduces a broadcast's gradient over leading dims
-/// with a per-element divide loop, which dominated the training step.
-fn tile_rows(p: &Tensor, rows: usize) -> Result<Tensor> {
+/// `p` ([D]) spread over the shape of `x` along its last dimension. A trained `p` is tiled as
+/// `ones[rows, 1] @ p[1, D]` so that its gradient is one matmul: candle reduces a broadcast's
+/// gradient over leading dims with a per-element divide loop, which dominated the training step.
+fn spread_last(p: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if !p.track_op() {
+        return p.broadcast_as(x.shape());
+    }
     let d = p.elem_count();
-    let ones = Tensor::ones((rows, 1), p.dtype(), p.device())?;
-    ones.matmul(&p.reshape((1, d))?)
+    let ones = Tensor::ones((x.elem_count() / d.max(1), 1), p.dtype(), p.device())?;
+    ones.matmul(&p.reshape((1, d))?)?.reshape(x.shape())
 }
 
-/// `p` ([C]) repeated as `[N, C, H·W]` for an NCHW tensor, with a matmul backward.
-fn tile_channels(p: &Tensor, n: usize, hw: usize) -> Result<Tensor> {
-    let c = p.elem_count();
+/// `p` ([C]) spread over the shape of an NCHW (or NC…) `x` along its channels; a trained `p` is
+/// tiled with a matmul, as in [`spread_last`].
+fn spread_channels(p: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (n, c) = (x.dim(0)?, p.elem_count());
+    if !p.track_op() {
+        let mut shape = vec![1; x.rank()];
+        shape[1] = c;
+        return p.reshape(shape)?.broadcast_as(x.shape());
+    }
     let col = p.reshape((1, c))?.repeat((n, 1))?.reshape((n * c, 1))?;
-    let ones = Tensor::ones((1, hw), p.dtype(), p.device())?;
-    col.matmul(&ones)?.reshape((n, c, hw))
+    let ones = Tensor::ones((1, x.elem_count() / (n * c).max(1)), p.dtype(), p.device())?;
+    col.matmul(&ones)?.reshape(x.shape())
 }
 
 /// `x + b` with `b` ([D]) broadcast over the last dimension of `x`.
 pub fn add_last(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !b.track_op() {
-        return x.broadcast_add(b);
-    }
-    let d = b.elem_count();
-    x.add(&tile_rows(b, x.elem_count() / d.max(1))?.reshape(x.shape())?)
+    x.add(&spread_last(b, x)?)
 }
 
 /// `x · w` with `w` ([D]) broadcast over the last dimension of `x`.
 pub fn mul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if !w.track_op() {
-        return x.broadcast_mul(w);
-    }
-    let d = w.elem_count();
-    x.mul(&tile_rows(w, x.elem_count() / d.max(1))?.reshape(x.shape())?)
+    x.mul(&spread_last(w, x)?)
 }
 
 /// `x + b` with `b` ([C]) broadcast over the channels of an NCHW (or NC…) tensor `x`.
 pub fn add_channels(x: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (n, c) = (x.dim(0)?, b.elem_count());
-    if !b.track_op() {
-        let mut shape = vec![1; x.rank()];
-        shape[1] = c;
-        return x.broadcast_add(&b.reshape(shape)?);
-    }
-    let hw = x.elem_count() / (n * c).max(1);
-    x.add(&tile_channels(b, n, hw)?.reshape(x.shape())?)
+    x.add(&spread_channels(b, x)?)
 }
 
 /// `x · w` with `w` ([C]) broadcast over the channels of an NCHW (or NC…) tensor `x`.
 pub fn mul_channels(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let (n, c) = (x.dim(0)?, w.elem_count());
-    if !w.track_op() {
-        let mut shape = vec![1; x.rank()];
-        shape[1] = c;
-        return x.broadcast_mul(&w.reshape(shape)?);
-    }
-    let hw = x.elem_count() / (n * c).max(1);
-    x.mul(&tile_channels(w, n, hw)?.reshape(x.shape())?)
+    x.mul(&spread_channels(w, x)?)
 }
 
 /// Exact (erf) GELU, `x·½·(1+erf(x/√2))`, as PyTorch's `nn.GELU()` default. Without gradient
